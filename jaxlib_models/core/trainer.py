@@ -89,9 +89,23 @@ class Task:
   param_axes: Any  # Pytree of logical-name tuples matching the params.
   batches: Callable[[int], Iterator[Batch]]  # start_step -> host batches.
   meta: dict = dataclasses.field(default_factory=dict)  # Saved with ckpts.
+  # Optional per-parameter learning-rate multipliers (pytree like params).
+  lr_scales: Any = None
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiplies each update leaf by a fixed factor (per-group lr)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(
+    tc: TrainConfig, lr_scales=None
+) -> optax.GradientTransformation:
   if tc.optimizer == "adam":
     opt = optax.adam(tc.learning_rate)
   elif tc.optimizer == "adamw":
@@ -100,6 +114,8 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     opt = optax.sgd(tc.learning_rate)
   if tc.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt)
+  if lr_scales is not None:
+    opt = optax.chain(opt, scale_by_tree(lr_scales))
   return opt
 
 
@@ -252,7 +268,7 @@ def train(
       f.write(config_json)
     os.replace(tmp, os.path.join(workdir, "config.json"))
   logging.info("devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
-  tx = make_optimizer(tc)
+  tx = make_optimizer(tc, task.lr_scales)
   make_state, state_sh = init_state(task, tx, mesh, rules, tc.seed)
   ckpt = ckpt_lib.Checkpointer(
       workdir,
@@ -312,7 +328,7 @@ def restore_params(task: Task, workdir: str, mesh=None, seed: int = 0, tc=None):
   """Loads the newest checkpoint's state for evaluation; clear error if none."""
   tc = tc or TrainConfig()
   mesh = mesh or mesh_lib.make_mesh({"data": -1})
-  tx = make_optimizer(tc)
+  tx = make_optimizer(tc, task.lr_scales)
   make_state, state_sh = init_state(task, tx, mesh, seed=seed)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   if not os.path.isdir(ckpt.directory) or ckpt.latest_step() is None:

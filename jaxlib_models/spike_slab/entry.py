@@ -43,7 +43,7 @@ def eval_main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ds = _dataset(config)
   cfg = experiment.model_config(config.model.to_dict(), ds)
   tc = experiment.train_config(config)
-  task = experiment.make_task(cfg, ds, tc, loss_impl=config.loss_impl)
+  task = experiment.task_for(config, cfg, ds, tc)
   state, _, step = trainer.restore_params(task, workdir, tc=tc)
   res = experiment.evaluate(jax.device_get(state.params), cfg, ds,
                             threshold=config.prune.threshold)

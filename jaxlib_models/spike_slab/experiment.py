@@ -60,6 +60,7 @@ def make_task(
     *,
     loss_impl: str = "core",
     data_seed: int = 0,
+    theta_lr_mult: float = 1.0,
 ) -> trainer.Task:
   """The trainer's view of a spike-and-slab fit.
 
@@ -85,8 +86,20 @@ def make_task(
     return base(params, batch, rng, cfg=cfg, num_data=ds.num_train,
                 step=step, total_steps=tc.num_steps)
 
+  init_params = functools.partial(core.init, cfg=cfg)
+  lr_scales = None
+  if theta_lr_mult != 1.0:
+    # Inclusion logits travel ~10 units (prior log-odds) while weights move
+    # by O(0.1): a larger step for theta reaches the sparse optimum sooner.
+    shapes = jax.eval_shape(init_params, jax.random.key(0))
+    lr_scales = {
+        k: ({n: (theta_lr_mult if n == "theta" else 1.0) for n in v}
+            if isinstance(v, dict) else 1.0)
+        for k, v in shapes.items()
+    }
   return trainer.Task(
-      init_params=functools.partial(core.init, cfg=cfg),
+      lr_scales=lr_scales,
+      init_params=init_params,
       loss_fn=loss_fn,
       param_axes=param_axes(cfg),
       batches=lambda start: data_lib.batches(
@@ -193,6 +206,13 @@ def evaluate(
   return out
 
 
+def task_for(config, cfg, ds, tc) -> trainer.Task:
+  """`make_task` with the settings of an experiment config (train & eval)."""
+  return make_task(cfg, ds, tc, loss_impl=config.loss_impl,
+                   data_seed=config.data.seed,
+                   theta_lr_mult=config.get("theta_lr_mult", 1.0))
+
+
 def train_config(config: ml_collections.ConfigDict, **overrides) -> trainer.TrainConfig:
   d = config.train.to_dict()
   d.update(overrides)
@@ -213,8 +233,7 @@ def fit(
   model = {**config.model.to_dict(), **(model_overrides or {})}
   cfg = model_config(model, ds)
   tc = train_config(config)
-  task = make_task(cfg, ds, tc, loss_impl=config.loss_impl,
-                   data_seed=config.data.seed)
+  task = task_for(config, cfg, ds, tc)
   cfg_json = json.dumps(
       {"config": config.to_dict(), "model": dataclasses.asdict(cfg)},
       indent=2, default=str,
@@ -239,7 +258,7 @@ def finetune(
           np.isin(cols, ds.true_features)),
   )
   tc = train_config(config, num_steps=int(config.prune.finetune_steps))
-  task = make_task(small_cfg, ds_small, tc, data_seed=config.data.seed)
+  task = task_for(config, small_cfg, ds_small, tc)
   task.init_params = lambda rng: jax.tree.map(jnp.asarray, small)
   state = trainer.train(task, tc, workdir)
   return jax.device_get(state.params), small_cfg, ds_small

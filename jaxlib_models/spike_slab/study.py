@@ -77,7 +77,7 @@ def lasso(ds, seed: int) -> dict:
   from sklearn.linear_model import LassoCV
 
   t = time.perf_counter()
-  fit = LassoCV(cv=5, random_state=seed, n_alphas=30, max_iter=5000).fit(
+  fit = LassoCV(cv=5, random_state=seed, alphas=30, max_iter=5000).fit(
       ds.x_train, ds.y_train
   )
   sel = np.flatnonzero(np.abs(fit.coef_) > 0)

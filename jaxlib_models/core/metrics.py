@@ -30,7 +30,9 @@ class MetricsWriter:
       start_step: int = 0,
       log_every: int = 50,
       progress: bool = True,
+      console: bool = True,
   ):
+    self.console = console
     self.is_host0 = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.log_every = max(1, log_every)
@@ -70,7 +72,7 @@ class MetricsWriter:
           refresh=False,
       )
       self._bar.refresh()
-    if step % self.log_every == 0 and self._bar is None:
+    if step % self.log_every == 0 and self._bar is None and self.console:
       short = {k: v for k, v in row.items() if isinstance(v, (int, float))}
       print(json.dumps(short), flush=True)
 

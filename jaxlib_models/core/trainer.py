@@ -51,7 +51,8 @@ class TrainConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
   async_checkpoint: bool = True
-  progress: bool = True
+  progress: bool = True  # tqdm bar; without it, JSON lines on stdout...
+  console: bool = True  # ...unless this is False (quiet, e.g. in studies).
   mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1), ("tensor", 1))
 
   def __post_init__(self):
@@ -292,7 +293,8 @@ def train(
   step_fn = make_train_step(task.loss_fn, mesh, state_sh, batch_sh, tc.accum_steps)
   rng = jax.random.key(tc.seed + 1)
   writer = metrics_lib.MetricsWriter(
-      workdir, tc.num_steps, start, tc.log_every, progress=tc.progress
+      workdir, tc.num_steps, start, tc.log_every, progress=tc.progress,
+      console=tc.console,
   )
   meta = {**task.meta, "workdir": os.path.abspath(workdir)}
   last_saved = start if restored is not None else None

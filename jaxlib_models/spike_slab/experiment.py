@@ -76,6 +76,13 @@ def make_task(
     base = numpyro_model.numpyro_loss_fn
   else:
     raise ValueError(f"{loss_impl=}: choose 'core' or 'numpyro'")
+  classes = cfg.widths[-1] if ds.task == "classification" else None
+  for split in ("train", "test"):
+    data_lib.validate(
+        getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}"), task=ds.task,
+        num_features=cfg.widths[0], num_classes=classes,
+        name=f"{ds.name}/{split}",
+    )
   if tc.batch_size > ds.num_train:
     raise ValueError(
         f"batch_size {tc.batch_size} exceeds the {ds.num_train} training rows"

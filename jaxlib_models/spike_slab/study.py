@@ -106,6 +106,7 @@ def run_config(base: ml_collections.ConfigDict, name: str, spec, seed: int,
     c.model.kind = variant
     c.train.seed = seed
     c.train.progress = False
+    c.train.console = False
     for k in ("study", "datasets"):
       if k in c:
         del c[k]

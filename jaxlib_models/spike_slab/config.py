@@ -44,6 +44,9 @@ class SpikeSlabConfig:
   node_rule: Literal["pip", "mpm_edges"] = "pip"
   threshold: float = 0.5  # Median probability model.
   num_predictive_samples: int = 30
+  # Node kind only: Jantre et al. gate hidden nodes; our layout also gives
+  # the output units a gate, so its prior inclusion is ~1 (effectively none).
+  output_inclusion: float = 0.9999
 
   def __post_init__(self):
     if len(self.widths) < 2 or min(self.widths) < 1:
@@ -73,7 +76,14 @@ class SpikeSlabConfig:
 
   def layer_inclusion(self, layer: int) -> float:
     """Prior inclusion probability lambda_l of layer `layer` (0-based)."""
-    if self.prior_inclusion is not None:
+    if self.prior_inclusion is not None and not (
+        self.kind == "node_spike_slab" and layer == self.num_layers - 1
+    ):
       return self.prior_inclusion
-    fan_in = self.widths[layer] if self.kind != "node_spike_slab" else 1
+    if self.kind == "node_spike_slab":
+      # One gate per node: lambda is directly the node's prior inclusion.
+      if layer == self.num_layers - 1:
+        return self.output_inclusion
+      return self.pi0
+    fan_in = self.widths[layer]
     return 1.0 - (1.0 - self.pi0) ** (1.0 / fan_in)

@@ -546,19 +546,19 @@ def loss_fn(
   kl = kls["kl_bernoulli"] + kls["kl_slab"] + kls["kl_bias"]
   kl_weight = kl_weight_at(cfg, step, total_steps)
   loss = nll + kl_weight * kl / jnp.asarray(num_data, nll.dtype)
-  f32 = lambda v: jnp.asarray(v, jnp.float32)
   aux = {
-      "train/loss": f32(loss),
-      "train/nll": f32(nll),
-      "train/kl": f32(kl),
-      "train/kl_bernoulli": f32(kls["kl_bernoulli"]),
-      "train/kl_slab": f32(kls["kl_slab"]),
-      "train/kl_bias": f32(kls["kl_bias"]),
-      "train/kl_weight": f32(kl_weight),
-      "train/tau": f32(tau),
-      "train/sigma_y": f32(jnp.exp(params["log_sigma_y"])),
+      "train/loss": loss,
+      "train/nll": nll,
+      "train/kl": kl,
+      "train/kl_bernoulli": kls["kl_bernoulli"],
+      "train/kl_slab": kls["kl_slab"],
+      "train/kl_bias": kls["kl_bias"],
+      "train/kl_weight": kl_weight,
+      "train/tau": tau,
+      "train/sigma_y": jnp.exp(params["log_sigma_y"]),
       **_phi_stats(params, cfg),
   }
+  aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
   return loss, aux
 
 

@@ -27,7 +27,8 @@ def train_main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates, optionally fine-tunes; writes results.json."""
   params, cfg, ds = experiment.fit(config, workdir)
   res = experiment.evaluate(params, cfg, ds, threshold=config.prune.threshold)
-  if config.prune.finetune_steps > 0 and cfg.kind != "dense":
+  if (config.prune.finetune_steps > 0 and cfg.kind != "dense"
+      and not res["pruned_bnn"].get("empty_layer")):
     small, small_cfg, ds_small = experiment.finetune(
         params, cfg, ds, config, os.path.join(workdir, "finetune"),
         config.prune.threshold,

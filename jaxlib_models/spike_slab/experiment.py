@@ -187,11 +187,14 @@ def evaluate(
   out["pruned"] = _score(
       _pruned_pred(net, ds.x_test, ds, params["log_sigma_y"]), y, ds
   )
-  small, small_cfg = prune_lib.prune_params(params, cfg, feat_keep, node_keeps)
-  out["pruned_bnn"] = _score(
-      core.predict(small, key, x[:, np.asarray(net.kept_features)], small_cfg),
-      y, ds,
-  )
+  if min(int(np.sum(k)) for k in node_keeps) > 0 and np.any(feat_keep):
+    small, small_cfg = prune_lib.prune_params(params, cfg, feat_keep, node_keeps)
+    out["pruned_bnn"] = _score(
+        core.predict(small, key, x[:, np.asarray(net.kept_features)], small_cfg),
+        y, ds,
+    )
+  else:  # A layer lost every node: the pruned net is a constant function.
+    out["pruned_bnn"] = dict(out["pruned"], empty_layer=True)
   out["nodes_kept"] = [int(len(k)) for k in net.kept_nodes]
   out["node_frac_kept"] = float(sum(out["nodes_kept"]) / max(1, sum(hidden)))
   out["features_kept"] = int(len(net.kept_features))
@@ -255,6 +258,11 @@ def finetune(
 ):
   """Retrains the pruned BNN (kept features/nodes only) for a few steps."""
   feat_keep, node_keeps = pips_lib.keep_masks(params, cfg, threshold)
+  if min(int(np.sum(k)) for k in node_keeps) == 0 or not np.any(feat_keep):
+    raise ValueError(
+        "pruning removed every node of a layer (or every feature): nothing to"
+        " fine-tune; lower the threshold (prune.threshold) or pi0"
+    )
   small, small_cfg = prune_lib.prune_params(params, cfg, feat_keep, node_keeps)
   small_cfg = dataclasses.replace(small_cfg, kl_warmup_frac=0.0)
   cols = np.flatnonzero(np.asarray(feat_keep))

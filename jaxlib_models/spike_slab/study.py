@@ -121,7 +121,7 @@ def _fit_one(c, rundir, ds, ss_res) -> dict:
   res["fit_seconds"] = fit_s
   if cfg.kind != "dense":
     res["sweep"] = threshold_sweep(params, cfg, ds)
-    if c.prune.finetune_steps > 0:
+    if c.prune.finetune_steps > 0 and not res["pruned_bnn"].get("empty_layer"):
       small, scfg, dsm = experiment.finetune(
           params, cfg, ds, c, os.path.join(rundir, "finetune"), c.prune.threshold
       )

@@ -184,7 +184,9 @@ def test_trace_mean_field_uses_closed_form_kl(kind):
       slab = np.sum(special.expit(theta) * kl_n)
       incl = np.sum(_kl_b_np(theta, cfg.layer_inclusion(l)))
       for t in terms:
-        np.testing.assert_allclose(t[f"g_{l}"], incl, rtol=1e-5)
+        # 1e-4: float32 KL against float64 when lambda ~ 1 (node kind's
+        # output layer, lambda = 0.9999) loses ~4 digits to cancellation.
+        np.testing.assert_allclose(t[f"g_{l}"], incl, rtol=1e-4)
     for t in terms:
       np.testing.assert_allclose(t[f"w_{l}"], slab, rtol=1e-5)
       np.testing.assert_allclose(t[f"b_{l}"], bias, rtol=1e-5)

@@ -49,7 +49,7 @@ def _rows_for(name, recs):
     nodes = "-".join(
         f"{m:.1f}" for m in np.mean([p.get(nodes_key, r.get(nodes_key))
                                      for p, r in zip(parts, rs)], 0)
-    )
+    ) if nodes_key else "n/a"
     f = [p.get("features_kept", r.get("features_kept")) for p, r in zip(parts, rs)]
     src = sel or parts
     rows.append([
@@ -75,7 +75,7 @@ def _rows_for(name, recs):
   add("Dense BNN, magnitude-pruned to the same size", rs,
       lambda r: r.get("magnitude"))
   if rs and rs[0].get("lasso"):
-    add("LassoCV (linear)", rs, lambda r: {**r["lasso"], "nodes_kept": [0]})
+    add("LassoCV (linear)", rs, lambda r: r["lasso"], nodes_key=None)
   return metric, rows
 
 
@@ -192,7 +192,7 @@ def write_report(records: list[dict], workdir: str, title: str, notes: str = "")
       tf = np.mean([r["ms_forward_pruned"] / r["ms_forward_full"] for r in ss])
       lines += [f"Pruned network: {100 * ff:.1f} % of the dense FLOPs; forward"
                 f" time on the test set {100 * tf:.0f} % of the full mean"
-                " network's (CPU, float32).", ""]
+                " network's (CPU, float32; the pruned net reads only its kept features).", ""]
     for kind, fn in (("pips", _plot_pips), ("features", _plot_features),
                      ("tradeoff", _plot_tradeoff)):
       p = fn(name, recs, os.path.join(workdir, f"{name}_{kind}.png"))

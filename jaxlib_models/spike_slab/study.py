@@ -12,6 +12,7 @@ resumes where it stopped.
 import copy
 import os
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -76,10 +77,14 @@ def lasso(ds, seed: int) -> dict:
   """LassoCV feature selection (regression only) on standardised inputs."""
   from sklearn.linear_model import LassoCV
 
+  from sklearn.exceptions import ConvergenceWarning
+
   t = time.perf_counter()
-  fit = LassoCV(cv=5, random_state=seed, alphas=30, max_iter=5000).fit(
-      ds.x_train, ds.y_train
-  )
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    fit = LassoCV(cv=5, random_state=seed, alphas=30, max_iter=5000).fit(
+        ds.x_train, ds.y_train
+    )
   sel = np.flatnonzero(np.abs(fit.coef_) > 0)
   pred = fit.predict(ds.x_test)
   res = {

@@ -476,7 +476,7 @@ def log_likelihood(
   raise ValueError(f"unknown {likelihood=}")
 
 
-def _phi_stats(params: Params, cfg: SpikeSlabConfig) -> dict[str, jax.Array]:
+def phi_stats(params: Params, cfg: SpikeSlabConfig) -> dict[str, jax.Array]:
   """Mean phi and share of phi > 1/2 per layer."""
   stats = {}
   for l in range(cfg.num_layers):
@@ -556,7 +556,7 @@ def loss_fn(
       "train/kl_weight": kl_weight,
       "train/tau": tau,
       "train/sigma_y": jnp.exp(params["log_sigma_y"]),
-      **_phi_stats(params, cfg),
+      **phi_stats(params, cfg),
   }
   aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
   return loss, aux

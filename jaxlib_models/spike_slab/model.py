@@ -506,21 +506,6 @@ def elbo_terms(
   )
 
 
-def _phi_stats(params: Params, cfg: SpikeSlabConfig) -> dict[str, jax.Array]:
-  """Mean phi and share of phi > 1/2 per layer (same keys as core)."""
-  stats = {}
-  for l in range(cfg.num_layers):
-    if cfg.kind == "dense":
-      mean = frac = jnp.ones((), jnp.float32)
-    else:
-      theta = params[core.layer_name(l)]["theta"]
-      mean = jnp.mean(jax.nn.sigmoid(theta)).astype(jnp.float32)
-      frac = jnp.mean((theta > 0).astype(jnp.float32))
-    stats[f"phi/mean_layer_{l}"] = mean
-    stats[f"phi/frac_gt_half_layer_{l}"] = frac
-  return stats
-
-
 def numpyro_loss_fn(
     params: Params,
     batch: dict[str, jax.Array],
@@ -591,7 +576,7 @@ def numpyro_loss_fn(
       "train/kl_weight": f32(kl_weight),
       "train/tau": f32(tau),
       "train/sigma_y": f32(jnp.exp(params["log_sigma_y"])),
-      **_phi_stats(params, cfg),
+      **core.phi_stats(params, cfg),
   }
   return loss, aux
 

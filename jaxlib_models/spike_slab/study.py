@@ -109,6 +109,9 @@ def run_config(base: ml_collections.ConfigDict, name: str, spec, seed: int,
     for k, v in dict(spec.get("train", {})).items():
       c.train[k] = v
     c.model.kind = variant
+    overrides = base.study.get("variant_overrides", {}).get(variant, {})
+    for k, v in dict(overrides).items():
+      c[k] = v
     c.train.seed = seed
     c.train.progress = False
     c.train.console = False

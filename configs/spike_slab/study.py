@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.datasets.variable_selection.kwargs = dict(
         p=200, n_train=2000, n_val=0, n_test=1000)
     c.datasets.variable_selection.train = dict(num_steps=2500, batch_size=64)
+    c.datasets.variable_selection.model = dict(hidden=_SIM_HIDDEN, pi0=0.001)
     for name in ("breast_cancer", "diabetes", "wine"):
       c.datasets[name].train.num_steps = 2000
     c.datasets.digits.train.num_steps = 2500

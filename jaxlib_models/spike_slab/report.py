@@ -96,7 +96,7 @@ def _plot_pips(name, recs, path):
   axes[-1].set_title("input feature PIPs")
   axes[-1].set_yscale("log")
   axes[-1].axvline(0.5, color="k", ls="--", lw=1)
-  fig.suptitle(f"{name}: PIP histograms over {len(ss)} seeds")
+  fig.suptitle(f"{name}: PIP histograms over {len(ss)} seeds", y=1.04)
   io.save_figure(fig, path)
   plt.close(fig)
   return path

@@ -6,9 +6,33 @@ Each entry point is a few lines: it names itself and the library function
 
 import argparse
 import importlib
+import os
 import sys
 
 from jaxlib_models.core import config as config_lib
+
+
+def maybe_initialize_distributed() -> bool:
+  """Joins a multi-host job when the environment describes one.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID. Otherwise, under Slurm with more than one task, JAX's own
+  cluster detection fills them in. Single-process runs do nothing.
+  """
+  import jax
+
+  addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if addr:
+    jax.distributed.initialize(
+        coordinator_address=addr,
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+    return True
+  return False
 
 
 def run(prog: str, doc: str, function: str, argv=None) -> int:
@@ -37,6 +61,7 @@ def run(prog: str, doc: str, function: str, argv=None) -> int:
   if cfg is None:
     parser.error("--config is required")
   args = parser.parse_args(rest + ["--config", "given"])
+  maybe_initialize_distributed()
   entry = importlib.import_module(f"jaxlib_models.{cfg.method}.entry")
   getattr(entry, function)(cfg, args.workdir)
   return 0

@@ -235,10 +235,16 @@ def batch_shardings_for(batch: Batch, mesh) -> dict:
 
 
 def put_batch(batch: Batch, shardings) -> dict:
-  return {
-      k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-      for k, v in batch.items()
-  }
+  """Global host batch -> sharded arrays; each host sends only its shards.
+
+  Every host draws the same (deterministic) global batch, so this is also
+  correct with several processes.
+  """
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_callback(v.shape, shardings[k], lambda i, v=v: v[i])
+  return out
 
 
 def _check_finite(step: int, host: dict, ckpt_dir: str, last_saved) -> None:

@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mnist5k=dict(kwargs={}, model=dict(hidden=(100, 100), **real), train=dict(num_steps=4000, batch_size=128)),
   )
   c.train.checkpoint_every = 100000  # One checkpoint at the end of each fit.
+  # Report the pruned nets with and without retraining (brief §2.5).
+  c.prune.finetune_steps = 500
   if arg == "demo":
     c.study.seeds = (1, 2, 3)
     c.study.title = "Spike-and-slab BNN demo study (CPU scale)"

@@ -65,13 +65,7 @@ def _softplus(x):
   return np.logaddexp(x, 0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny graphs: XLA optimisation costs more time than it saves here."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # Jitted entry points: one compilation each instead of op-by-op dispatch.

@@ -25,13 +25,7 @@ from jaxlib_models.spike_slab.config import SpikeSlabConfig
 NUM_DRAWS = 10_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny graphs: XLA optimisation costs more than it saves (STYLE §11)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _kl_b_np(theta, lam):

@@ -15,13 +15,7 @@ from jaxlib_models.spike_slab.config import SpikeSlabConfig
 _ON, _OFF = 40.0, -40.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny graphs: XLA optimisation costs more time than it saves here."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _np_forward(weights, x, activation):

@@ -14,9 +14,7 @@ noise does not depend on how the batch is split.
 """
 
 import dataclasses
-import functools
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any

@@ -8,7 +8,6 @@ loss, logical axes, batches) and the evaluation of a fitted posterior.
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -119,7 +118,8 @@ def make_task(
 # ---------------------------------------------------------------- evaluation
 
 
-def _score(pred: dict, y, ds: data_lib.Dataset) -> dict[str, float]:
+def score(pred: dict, y, ds: data_lib.Dataset) -> dict[str, float]:
+  """Test metrics of a predictive dict (RMSE/NLL in original units)."""
   if ds.task == "regression":
     mean, var = pred["mean"], pred["var"]
     # Original units: targets were standardised with training statistics.
@@ -134,7 +134,8 @@ def _score(pred: dict, y, ds: data_lib.Dataset) -> dict[str, float]:
   }
 
 
-def _pruned_pred(net: prune_lib.PrunedNet, x, ds, log_sigma_y):
+def pruned_predict(net: prune_lib.PrunedNet, x, ds, log_sigma_y):
+  """Predictive dict of a pruned mean network (same form as core.predict)."""
   out = np.asarray(net.forward(jnp.asarray(x)))
   if ds.task == "regression":
     s2 = float(np.exp(2 * log_sigma_y))
@@ -174,8 +175,8 @@ def evaluate(
   key = jax.random.key(seed)
   x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
   out: dict[str, Any] = {"task": ds.task, "kind": cfg.kind}
-  out["full"] = _score(core.predict(params, key, x, cfg), y, ds)
-  out["full_mean_net"] = _score(core.predict_mean_network(params, x, cfg), y, ds)
+  out["full"] = score(core.predict(params, key, x, cfg), y, ds)
+  out["full_mean_net"] = score(core.predict_mean_network(params, x, cfg), y, ds)
   hidden = cfg.widths[1:-1]
   out["widths"] = list(cfg.widths)
   if cfg.kind == "dense":
@@ -184,12 +185,12 @@ def evaluate(
     return out
   feat_keep, node_keeps = pips_lib.keep_masks(params, cfg, threshold)
   net = prune_lib.prune(params, cfg, threshold)
-  out["pruned"] = _score(
-      _pruned_pred(net, ds.x_test, ds, params["log_sigma_y"]), y, ds
+  out["pruned"] = score(
+      pruned_predict(net, ds.x_test, ds, params["log_sigma_y"]), y, ds
   )
   if min(int(np.sum(k)) for k in node_keeps) > 0 and np.any(feat_keep):
     small, small_cfg = prune_lib.prune_params(params, cfg, feat_keep, node_keeps)
-    out["pruned_bnn"] = _score(
+    out["pruned_bnn"] = score(
         core.predict(small, key, x[:, np.asarray(net.kept_features)], small_cfg),
         y, ds,
     )

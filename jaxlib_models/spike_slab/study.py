@@ -13,9 +13,7 @@ import copy
 import os
 import time
 import warnings
-from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import tqdm
@@ -24,7 +22,6 @@ from jaxlib_models.core import io
 from jaxlib_models.spike_slab import core
 from jaxlib_models.spike_slab import data as data_lib
 from jaxlib_models.spike_slab import experiment
-from jaxlib_models.spike_slab import pips as pips_lib
 from jaxlib_models.spike_slab import prune as prune_lib
 
 SWEEP_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.97, 0.99)
@@ -35,8 +32,8 @@ def _metric_name(ds) -> str:
 
 
 def _pruned_score(net, ds, log_sigma_y) -> dict:
-  return experiment._score(
-      experiment._pruned_pred(net, ds.x_test, ds, log_sigma_y), ds.y_test, ds
+  return experiment.score(
+      experiment.pruned_predict(net, ds.x_test, ds, log_sigma_y), ds.y_test, ds
   )
 
 

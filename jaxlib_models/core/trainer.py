@@ -90,6 +90,10 @@ class Task:
   meta: dict = dataclasses.field(default_factory=dict)  # Saved with ckpts.
   # Optional per-parameter learning-rate multipliers (pytree like params).
   lr_scales: Any = None
+  # Optional pretrained starting point (fine-tuning): returns a params pytree
+  # shaped like init_params' output; it is passed to the compiled init as an
+  # argument (never baked into the program as a constant).
+  pretrained: Callable[[], Any] | None = None
 
 
 def scale_by_tree(scales) -> optax.GradientTransformation:
@@ -213,6 +217,21 @@ def init_state(task: Task, tx, mesh, rules=mesh_lib.DEFAULT_RULES, seed=0):
     params = jax.lax.with_sharding_constraint(params, param_sh)
     return TrainState.create(params, tx)
 
+  if task.pretrained is not None:
+    def create_from(params):
+      params = jax.lax.with_sharding_constraint(params, param_sh)
+      return TrainState.create(params, tx)
+
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(create_from).lower(abstract).compile()
+    shardings = compiled.output_shardings.replace(params=param_sh)
+
+    def make():
+      params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype),
+                            task.pretrained(), abstract)
+      return compiled(jax.device_put(params, param_sh))
+
+    return make, shardings
   with jax.set_mesh(mesh):
     compiled = jax.jit(create).lower(rng).compile()
   shardings = compiled.output_shardings

@@ -107,6 +107,7 @@ def _dense(features, name, bias, dtype):
 
 class LlamaAttention(nn.Module):
   cfg: LlamaConfig
+  shared_prefix: bool = False
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
@@ -120,6 +121,24 @@ class LlamaAttention(nn.Module):
     k, v = k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_cache = None
+    g = h // hkv
+    if self.shared_prefix:  # read-only batch-1 prefix + own causal keys
+      ck, cv = layer_cache
+      prefix_mask, own_mask = mask
+      q = q.reshape(b, t, hkv, g, dh)
+      s1 = jnp.einsum("btkgd,skd->bkgts", q, ck[0].astype(dt),
+                      preferred_element_type=jnp.float32)
+      s2 = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                      preferred_element_type=jnp.float32)
+      s1 = jnp.where(prefix_mask[None, None, None, None], s1, _NEG)
+      s2 = jnp.where(own_mask[:, None, None], s2, _NEG)
+      sc = jnp.concatenate([s1, s2], -1) / math.sqrt(dh)
+      p = jax.nn.softmax(sc, axis=-1).astype(dt)
+      n = ck.shape[1]
+      o = (jnp.einsum("bkgts,skd->btkgd", p[..., :n], cv[0].astype(dt))
+           + jnp.einsum("bkgts,bskd->btkgd", p[..., n:], v))
+      o = o.reshape(b, t, h * dh)
+      return _dense(c.hidden_size, "o_proj", False, dt)(o), None
     if layer_cache is not None:
       ck, cv = layer_cache
       ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype),
@@ -128,7 +147,6 @@ class LlamaAttention(nn.Module):
                                         (0, cache_index, 0, 0))
       new_cache = (ck, cv)
       k, v = ck.astype(dt), cv.astype(dt)
-    g = h // hkv
     q = q.reshape(b, t, hkv, g, dh)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k,
                    preferred_element_type=jnp.float32) / math.sqrt(dh)
@@ -152,11 +170,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
   cfg: LlamaConfig
+  shared_prefix: bool = False
 
   @nn.compact
   def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    a, new_cache = LlamaAttention(c, name="self_attn")(
+    a, new_cache = LlamaAttention(c, self.shared_prefix, name="self_attn")(
         RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(x), cos, sin,
         mask, layer_cache, cache_index)
     x = x + a
@@ -169,6 +188,7 @@ class LlamaModel(nn.Module):
   """Embedding, scanned blocks and final norm; returns all hidden states."""
 
   cfg: LlamaConfig
+  shared_prefix: bool = False
 
   def setup(self):
     c = self.cfg
@@ -181,7 +201,7 @@ class LlamaModel(nn.Module):
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_hidden_layers,
-    )(c)
+    )(c, self.shared_prefix)
     self.norm = RMSNorm(c.rms_norm_eps, jnp.float32)
 
   def __call__(self, tokens, positions, mask, cache, cache_index):
@@ -196,9 +216,10 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
   cfg: LlamaConfig
+  shared_prefix: bool = False
 
   def setup(self):
-    self.model = LlamaModel(self.cfg)
+    self.model = LlamaModel(self.cfg, self.shared_prefix)
     if not self.cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(self.cfg.vocab_size, use_bias=False,
                               param_dtype=jnp.float32,
@@ -258,6 +279,8 @@ def forward(
     positions: Array | None = None,
     token_mask: Array | None = None,
     cache: KVCache | None = None,
+    prefix: KVCache | None = None,
+    segment_ids: Array | None = None,
     exit_layers: Sequence[int] = (),
     logits_for: Any = "all",
     return_hidden: bool = False,
@@ -272,6 +295,10 @@ def forward(
       arange(T) without a cache).
     token_mask: (B, T) bool, False on padding (never attended to).
     cache: KV cache; the new keys land at slots [cache.index, +T).
+    prefix: a read-only batch-1 cache shared by all B rows (shared-prefix
+      scoring without copying it B times); positions must then be given.
+    segment_ids: (B, T) ints for sequence packing: a token attends only to
+      earlier tokens of its own segment (and to the prefix/cache).
     exit_layers: static early-exit layers (0..L); L is always computed.
     logits_for: "all", None (no logits: prefill only) or (B, K) int positions.
     return_hidden: also return every hidden state (L+1, B, T, D).
@@ -284,12 +311,29 @@ def forward(
   b, t = tokens.shape
   if token_mask is None:
     token_mask = jnp.ones((b, t), bool)
-  if cache is None:
+  if cache is not None and prefix is not None:
+    raise ValueError("pass either cache= or prefix=, not both")
+  if prefix is not None:
+    if prefix.k.shape[1] != 1:
+      raise ValueError(f"prefix cache must have batch 1, got {prefix.k.shape}")
+    if positions is None:
+      positions = jnp.broadcast_to(
+          prefix.index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    start = prefix.index
+    prefix_mask = prefix.valid[0] & (jnp.arange(prefix.max_len) < start)
+    own = jnp.tril(jnp.ones((t, t), bool))[None] & token_mask[:, None, :]
+    if segment_ids is not None:
+      own = own & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    mask = (prefix_mask, own)
+    layer_cache, valid = (prefix.k, prefix.v), None
+  elif cache is None:
     start = jnp.zeros((), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     causal = jnp.tril(jnp.ones((t, t), bool))
     mask = causal[None] & token_mask[:, None, :]
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     layer_cache, valid = None, None
   else:
     if cache.k.shape[1] != b:
@@ -303,7 +347,7 @@ def forward(
     qslot = start + jnp.arange(t)
     mask = (slot[None, :] <= qslot[:, None])[None] & valid[:, None, :]
     layer_cache = (cache.k, cache.v)
-  model = LlamaForCausalLM(cfg)
+  model = LlamaForCausalLM(cfg, prefix is not None)
   hidden, exits, new_kv = model.apply(
       {"params": params}, tokens, positions, mask, layer_cache, start,
       exit_layers, logits_for)
@@ -316,6 +360,24 @@ def forward(
       exits={j: exits[j] for j in exit_layers} if exits else {},
       cache=new_cache,
       hidden=hidden if return_hidden else None)
+
+
+def head_logits(params, cfg: LlamaConfig, h: Array) -> Array:
+  """Early-exit head on hidden states: head(RMSNorm_final(h)), float32.
+
+  The same computation as the model's own exits (for hidden states taken
+  from `forward(..., return_hidden=True)`, e.g. after packing positions).
+  """
+  w = params["model"]["norm"]["weight"]
+  hf = h.astype(jnp.float32)
+  y = hf * jax.lax.rsqrt(jnp.mean(hf * hf, -1, keepdims=True)
+                         + cfg.rms_norm_eps) * w
+  if cfg.tie_word_embeddings:
+    return jnp.einsum("...d,vd->...v", y,
+                      params["model"]["embed_tokens"]["embedding"],
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,dv->...v", y, params["lm_head"]["kernel"],
+                    preferred_element_type=jnp.float32)
 
 
 def init_params(cfg: LlamaConfig, rng: Array) -> dict:

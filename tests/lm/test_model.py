@@ -202,3 +202,29 @@ def test_config_rejects_unknown_rope_scaling():
     LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
   with pytest.raises(ValueError, match="not a multiple"):
     tiny(num_key_value_heads=3)
+
+
+def test_read_only_shared_prefix_equals_full_passes():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  prefix = jax.random.randint(jax.random.key(3), (1, 9), 0, 64)
+  conts = jax.random.randint(jax.random.key(4), (3, 5), 0, 64)
+  mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+  # prefix written with 3 padded slots in the middle (invalid) -> positions
+  # continue from the real length, not the slot index.
+  pre_tok = jnp.concatenate([prefix, jnp.zeros((1, 3), jnp.int32)], 1)
+  pre_mask = jnp.arange(12)[None] < 9
+  pre = forward(params, cfg, pre_tok, token_mask=pre_mask,
+                cache=init_cache(cfg, 1, 16), logits_for=None)
+  pos = jnp.broadcast_to(9 + jnp.arange(5), (3, 5))
+  out = forward(params, cfg, conts, prefix=pre.cache, positions=pos,
+                token_mask=mask, exit_layers=(1,))
+  for i in range(3):
+    n = int(mask[i].sum())
+    full = forward(params, cfg,
+                   jnp.concatenate([prefix[0], conts[i, :n]])[None],
+                   exit_layers=(1,))
+    np.testing.assert_allclose(out.logits[i, :n], full.logits[0, 9:],
+                               atol=1e-5)
+    np.testing.assert_allclose(out.exits[1][i, :n], full.exits[1][0, 9:],
+                               atol=1e-5)

@@ -222,14 +222,15 @@ def init_state(task: Task, tx, mesh, rules=mesh_lib.DEFAULT_RULES, seed=0):
       params = jax.lax.with_sharding_constraint(params, param_sh)
       return TrainState.create(params, tx)
 
+    create_jit = jax.jit(create_from)
     with jax.set_mesh(mesh):
-      compiled = jax.jit(create_from).lower(abstract).compile()
+      compiled = create_jit.lower(abstract).compile()
     shardings = compiled.output_shardings.replace(params=param_sh)
 
-    def make():
+    def make():  # traceable (train() takes its eval_shape)
       params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype),
                             task.pretrained(), abstract)
-      return compiled(jax.device_put(params, param_sh))
+      return create_jit(jax.device_put(params, param_sh))
 
     return make, shardings
   with jax.set_mesh(mesh):

@@ -459,6 +459,31 @@ def test_sled_cosine_latent_and_evolution_match_brute_force(tau):
   np.testing.assert_allclose(np.asarray(p_lat).sum(-1), 1.0, atol=1e-6)
 
 
+def test_sled_tied_mode_and_layer_list_match_brute_force():
+  """A tie at the early layers' maximum (two modes) still matches the explicit
+  cosine; a list of early layers gives exactly the stacked array's result.
+
+  Planted bug caught: taking every tied maximum out of the re-centred "rest"
+  sums (mode by value, not by first index) shifts a cosine by 0.35.
+  """
+  k = 5
+  z_l = _logits(46, (2, T, V))
+  z_n = _logits(47, (3, 2, T, V))
+  top = np.argsort(-z_l, axis=-1)
+  z_n[0, ..., :] = np.where(
+      np.isin(np.arange(V), [7, 11]), z_n[0].max(-1, keepdims=True) + 9.0,
+      z_n[0],
+  )
+  np.put_along_axis(z_n[1], top[..., 1:2], z_n[1].max(-1, keepdims=True), -1)
+  cos = np.asarray(contrast.sled_cosines(z_l, z_n, top[..., :k], 1.0))
+  cos_list = np.asarray(contrast.sled_cosines(z_l, list(z_n), top[..., :k], 1.0))
+  np.testing.assert_array_equal(cos_list, cos)
+  for b in range(2):
+    for t in range(T):
+      _, want_cos, _, _ = _np_sled(z_l[b, t], z_n[:, b, t], k, 2.5, 1.0, -1e9)
+      np.testing.assert_allclose(cos[:, b, t], want_cos, atol=1e-6)
+
+
 def test_sled_rate_zero_and_eta():
   """rate 0 leaves the top-k logits unchanged; the rest equal eta exactly."""
   z_l, z_n = _logits(42, (2, T, V)), _logits(43, (4, 2, T, V))

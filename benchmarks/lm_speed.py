@@ -5,8 +5,11 @@ r"""SmolLM2-135M speed: our Flax Llama against transformers' PyTorch Llama.
 Both sides run the same float32 weights: SmolLM2-135M-Instruct from the GGUF
 (`registry.load("smollm2")`), exported with `loaders.save_hf` and loaded by
 `transformers.LlamaForCausalLM.from_pretrained(..., dtype=torch.float32)`.
-torch runs with `torch.set_num_threads(os.cpu_count())` (printed); XLA's CPU
-backend uses every core by default.
+torch runs with `torch.set_num_threads(os.cpu_count())` (printed; change
+with --torch-threads); XLA's CPU backend uses every core by default. Run on
+an otherwise idle machine: with busy cores torch's OpenMP threads stall (a
+2-thread matmul measured 6x slower than 1 thread while another job ran),
+which flatters the ratios; the script warns when the load average is high.
 
 (a) Prefill tokens/s (B x T random ids, no KV cache on either side):
     "last logits": ours = jitted `forward(..., logits_for=(B, 1) last index)`
@@ -108,10 +111,10 @@ def bench_prefill(cfg, params, hf, b, t, reps):
   rows = {}
   for mode, keep in (("last", 1), ("all", 0)):
     t_ours = _median_time(
-        lambda: ours(params, jids, mode).block_until_ready(), reps, 2)
+        lambda m=mode: ours(params, jids, m).block_until_ready(), reps, 2)
     with torch.no_grad():
       t_hf = _median_time(
-          lambda: hf(input_ids=tids, logits_to_keep=keep, use_cache=False),
+          lambda k=keep: hf(input_ids=tids, logits_to_keep=k, use_cache=False),
           reps, 1)
     rows[mode] = (t_ours, t_hf,
                   prefill_flops(cfg, b, t, 1 if mode == "last" else t))
@@ -163,6 +166,8 @@ def main():
   ap.add_argument("--new", type=int, default=64, help="decode new tokens")
   ap.add_argument("--matmul", type=int, default=2048,
                   help="n of the n x n float32 reference matmul")
+  ap.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                  help="torch.set_num_threads (default os.cpu_count())")
   ap.add_argument("--json", metavar="OUT", help="also write results here")
   ap.add_argument("--quick", action="store_true",
                   help="tiny shapes (1x32,2x16; decode 16+4 at batch 1,2;"
@@ -174,7 +179,12 @@ def main():
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.prefill.split(",")]
   batches = [int(v) for v in args.decode_batch.split(",")]
 
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(args.torch_threads)
+  load = os.getloadavg()[0]
+  if load > 0.5:
+    print(f"WARNING: 1-min load average {load:.1f} before starting: another"
+          " process is using the CPU, timings (torch's OpenMP threads above"
+          " all) will be off")
   cfg, params, tok = registry.load("smollm2")
   with tempfile.TemporaryDirectory() as d:
     loaders.save_hf(d, cfg, params)
@@ -185,7 +195,8 @@ def main():
         f" ({platform.processor() or platform.machine()}, os.cpu_count()="
         f"{os.cpu_count()}), float32; jax {jax.__version__}; torch"
         f" {torch.__version__} with {torch.get_num_threads()} threads;"
-        f" transformers {transformers.__version__} (attention: {attn_impl})")
+        f" transformers {transformers.__version__} (attention: {attn_impl});"
+        f" load average {load:.1f}")
   print(f"model: SmolLM2-135M-Instruct, L={cfg.num_hidden_layers}"
         f" D={cfg.hidden_size} H={cfg.num_attention_heads}"
         f" Hkv={cfg.num_key_value_heads} F={cfg.intermediate_size}"
@@ -195,6 +206,7 @@ def main():
            else ""))
   res = {"argv": vars(args), "torch_threads": torch.get_num_threads(),
          "cpu_count": os.cpu_count(), "attn_implementation": attn_impl,
+         "load_average": load,
          "prefill": [], "decode": []}
 
   jax_mm, torch_mm = matmul_rates(args.matmul, max(args.reps, 5))

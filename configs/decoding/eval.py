@@ -34,6 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.limit = 0  # 0 = every question / row
   c.relative_top_tqa = 0.0  # ICD's TruthfulQA script; paper value unknown
   c.relative_top_factor = 0.1  # DoLa's default; paper value unknown
+  # DoLa's premature-layer bucket: "high" on TruthfulQA, "low" on FACTOR
+  # (DoLa's own scripts: {16..30} vs {0..14} on 32-layer LLaMA).
+  c.dola_bucket_factor = "low"
   c.amateur = dict(crossfit_dir="runs/amateur")
   c.progress = True
   arg = arg or ""

@@ -18,6 +18,7 @@ from jaxlib_models.decoding import amateur as amateur_lib
 from jaxlib_models.decoding import data as data_lib
 from jaxlib_models.decoding import harness
 from jaxlib_models.decoding import report
+from jaxlib_models.decoding.config import DolaConfig
 from jaxlib_models.lm import registry
 
 
@@ -88,6 +89,8 @@ def eval_main(config: ml_collections.ConfigDict, workdir: str) -> dict:
           models, tok, workdir, split=split, protocol=protocol,
           methods=methods, limit=config.limit or None,
           relative_top=config.relative_top_factor,
+          overrides={"dola": {"dola": DolaConfig(
+              bucket=config.get("dola_bucket_factor", "low"))}},
           amateur=loader(0) if loader and any(
               m.split("+")[0].endswith("_ft") for m in methods) else None,
           progress=config.progress)

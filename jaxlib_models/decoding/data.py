@@ -133,11 +133,17 @@ class FactorItem:
 
 
 def data_root() -> pathlib.Path:
-  """$JAXLIB_MODELS_DATA, else ../shared/data beside the repository root."""
+  """$JAXLIB_MODELS_DATA, else the first `shared/data` found beside the
+  repository or any folder above it (then /work/shared/data)."""
   env = os.environ.get(DATA_ENV)
   if env:
     return pathlib.Path(env)
-  return pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  for up in [repo, *repo.parents, pathlib.Path.cwd(), *pathlib.Path.cwd().parents]:
+    cand = up / "shared" / "data"
+    if (cand / "truthfulqa").is_dir() or (cand / "factor").is_dir():
+      return cand
+  return pathlib.Path("/work/shared/data")
 
 
 def default_tqa_path() -> pathlib.Path:

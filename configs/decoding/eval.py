@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.progress = False
   elif arg == "tiny":
     c.model = "tiny"
+    c.dola_bucket_factor = "high"  # the low bucket is empty for 4 layers
     c.tasks = ("truthfulqa", "factor_expert_official")
     c.methods = ("base", "dola", "sled", "icd_prompt", "lol_prompt")
     c.limit = 3

@@ -171,7 +171,8 @@ def _prefill_fn(cfg, exits):
 
 @functools.lru_cache(maxsize=32)
 def _make_step(cfgs, exits, combine, temperature, top_p):
-  @jax.jit
+  # The caches are donated: each step updates them in place, no copy.
+  @functools.partial(jax.jit, donate_argnums=(1,))
   def step(params, caches, outs, pos, rng):
     logits = combine(outs).astype(jnp.float32)
     token = _sample(logits, rng, temperature, top_p)

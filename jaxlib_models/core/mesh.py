@@ -1,7 +1,10 @@
 """Device mesh from a config, and logical-axis sharding rules.
 
-The mesh has three axes, ("data", "fsdp", "tensor"); a config gives their
-sizes and at most one of them may be -1, which takes the remaining devices.
+The mesh has four axes, ("node", "data", "fsdp", "tensor"). "node" is the
+slow hop between hosts or islands (DCN, Ethernet): the axis that hierarchical
+gradient sync compresses and that DiLoCo replicas live on; the other three
+are the fast links inside a node. A config gives their sizes (missing ones
+are 1) and at most one may be -1, which takes the remaining devices.
 Parameters and batches carry logical axis names; one rules table maps each
 name to mesh axes. A dimension that the mapped mesh axes do not divide is
 replicated instead (logged once), so the same model runs on any device count.
@@ -14,10 +17,10 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("node", "data", "fsdp", "tensor")
+BATCH_AXES = ("node", "data", "fsdp")
 
-# Logical name -> mesh axes. Batches split over data and fsdp; parameters
+# Logical name -> mesh axes. Batches split over node, data and fsdp; parameters
 # split their input dimension over fsdp (ZeRO-3 style) and their output
 # (hidden units, heads, mlp) over tensor.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -36,8 +39,8 @@ _warned: set[tuple] = set()
 
 def mesh_shape(
     sizes: Mapping[str, int], num_devices: int
-) -> tuple[int, int, int]:
-  """Resolves -1 in {data, fsdp, tensor} sizes against the device count."""
+) -> tuple[int, int, int, int]:
+  """Resolves -1 in {node, data, fsdp, tensor} sizes against the device count."""
   unknown = [k for k in sizes if k not in MESH_AXES]
   if unknown:
     raise ValueError(f"unknown mesh axes {unknown}; valid are {MESH_AXES}")
@@ -67,7 +70,7 @@ def make_mesh(
     sizes: Mapping[str, int] | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> jax.sharding.Mesh:
-  """Builds the (data, fsdp, tensor) mesh; default is pure data parallel."""
+  """Builds the (node, data, fsdp, tensor) mesh; default is pure data parallel."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(sizes or {"data": -1}, len(devices))
   return jax.make_mesh(

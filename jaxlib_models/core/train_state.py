@@ -9,20 +9,30 @@ import optax
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """What a checkpoint holds. `tx` is static and is not saved."""
+  """What a checkpoint holds. `tx` is static and is not saved.
+
+  `comm` is device-local training state that depends on the device count:
+  error-feedback residuals of a gradient communicator, DiLoCo's per-replica
+  inner parameters and optimizer states (`jaxlib_models.parallel`). It is
+  checkpointed as its own item and reset when a run resumes on a different
+  number of devices.
+  """
 
   step: jax.Array
   params: Any
   opt_state: Any
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  comm: Any = None
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+  def create(cls, params, tx: optax.GradientTransformation,
+             comm: Any = None) -> "TrainState":
     return cls(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         tx=tx,
+        comm=comm,
     )
 
   def apply_gradients(self, grads) -> "TrainState":

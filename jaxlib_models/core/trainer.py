@@ -15,8 +15,9 @@ noise does not depend on how the batch is split.
 
 import dataclasses
 import logging
+import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -52,8 +53,35 @@ class TrainConfig:
   progress: bool = True  # tqdm bar; without it, JSON lines on stdout...
   console: bool = True  # ...unless this is False (quiet, e.g. in studies).
   mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  # Parallel layout and data-parallel sync (jaxlib_models.parallel; see
+  # docs/scaling.md). Logical-axis rules: None = core.mesh.DEFAULT_RULES.
+  rules: tuple[tuple[str, Any], ...] | None = None
+  zero1: bool = False  # Optimizer state split over the data axes.
+  comm: Any = None  # parallel.CommConfig or dict; None = exact mean.
+  diloco: Any = None  # parallel.DilocoConfig or dict; None = synchronous.
 
   def __post_init__(self):
+    from jaxlib_models.parallel import comm as comm_lib  # noqa: PLC0415
+    from jaxlib_models.parallel import steps as steps_lib  # noqa: PLC0415
+
+    if self.comm is None:
+      object.__setattr__(self, "comm", comm_lib.CommConfig())
+    elif isinstance(self.comm, Mapping):
+      object.__setattr__(self, "comm", comm_lib.CommConfig.from_dict(self.comm))
+    if self.diloco is None:
+      object.__setattr__(self, "diloco", steps_lib.DilocoConfig())
+    elif isinstance(self.diloco, Mapping):
+      object.__setattr__(self, "diloco", steps_lib.DilocoConfig.from_dict(self.diloco))
+    if self.rules is not None:
+      object.__setattr__(self, "rules", tuple(
+          (k, tuple(v) if isinstance(v, list) else v)
+          for k, v in (self.rules.items() if isinstance(self.rules, Mapping)
+                       else self.rules)))
+    if self.diloco.enabled and self.comm.name != "none":
+      raise ValueError(
+          f"comm.name={self.comm.name!r} with diloco.sync_every>0: DiLoCo syncs"
+          " inside a node exactly; compress its outer sync with"
+          " diloco.outer_comm instead")
     if self.num_steps < 0:
       raise ValueError(f"{self.num_steps=} must be >= 0")
     if self.batch_size < 1 or self.accum_steps < 1:
@@ -72,6 +100,8 @@ class TrainConfig:
     d = dict(d)
     if "mesh" in d:
       d["mesh"] = tuple(dict(d["mesh"]).items())
+    if isinstance(d.get("rules"), Mapping) and not d["rules"]:
+      d["rules"] = None
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
@@ -106,6 +136,24 @@ def scale_by_tree(scales) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
+def parallel_defaults() -> dict:
+  """The parallel train settings with their defaults, for config files.
+
+  Every method's config puts these in its `train` section so that a user can
+  switch layout and sync on the command line, e.g.
+  `--config.train.comm.name=powersgd --config.train.mesh.node=2`.
+  """
+  from jaxlib_models.parallel import comm as comm_lib  # noqa: PLC0415
+  from jaxlib_models.parallel import steps as steps_lib  # noqa: PLC0415
+
+  return dict(
+      mesh=dict(node=1, data=-1, fsdp=1, tensor=1),
+      zero1=False,
+      comm=steps_lib.as_dict(comm_lib.CommConfig()),
+      diloco=steps_lib.as_dict(steps_lib.DilocoConfig()),
+  )
+
+
 def make_optimizer(
     tc: TrainConfig, lr_scales=None
 ) -> optax.GradientTransformation:
@@ -122,75 +170,52 @@ def make_optimizer(
   return opt
 
 
-def _mean_tree(trees):
-  return jax.tree.map(lambda x: x / trees[1], trees[0])
-
-
 def make_train_step(
     loss_fn,
     mesh: jax.sharding.Mesh,
     state_shardings,
     batch_shardings,
     accum_steps: int = 1,
+    *,
+    communicator=None,
+    diloco=None,
+    inner_tx=None,
 ):
   """Builds the jitted `train_step(state, batch, rng) -> (state, metrics)`.
 
-  With `accum_steps == 1` the gradient is taken on the global batch and XLA
-  inserts the data-parallel reduction. With more microbatches the local
-  gradients are summed inside `jax.shard_map` and reduced with one `pmean`
-  after the microbatch loop: one gradient sync per step whatever the count.
+  Plain step (accum_steps == 1, no communicator, no DiLoCo): the gradient of
+  the global batch; XLA inserts the reductions the layout needs. With a
+  communicator (always used for accum_steps > 1) the local gradients of the
+  microbatches are summed inside `jax.shard_map` and synced by one
+  communicator call per step, exact or compressed. With `diloco` enabled,
+  the DiLoCo step of `parallel.steps` (needs `inner_tx`).
   """
+  from jaxlib_models.parallel import comm as comm_lib  # noqa: PLC0415
+  from jaxlib_models.parallel import steps as steps_lib  # noqa: PLC0415
 
-  def grads_of(params, batch, rng, step):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch, rng, step
-    )
-    return grads, {"train/loss": loss, **aux}
-
-  def accumulated(params, batch, rng, step):
-    def split(x):
-      return x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:])
-
-    micro = jax.tree.map(split, batch)
-    # Varying copies: otherwise the transpose of the replicated parameters
-    # inserts a psum in every microbatch; we want one pmean after the loop.
-    params = jax.lax.pcast(params, mesh_lib.BATCH_AXES, to="varying")
-
-    def body(carry, mb):
-      g, m = grads_of(params, mb, rng, step)
-      return jax.tree.map(jnp.add, carry, (g, m)), None
-
-    zeros = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro), rng, step)
-    zeros = jax.tree.map(
-        lambda s: jax.lax.pcast(
-            jnp.zeros(s.shape, s.dtype), mesh_lib.BATCH_AXES, to="varying"
-        ),
-        zeros,
-    )
-    (g, m), _ = jax.lax.scan(body, zeros, micro)
-    g, m = jax.tree.map(lambda x: x / accum_steps, (g, m))
-    # The one gradient sync of the step.
-    return jax.lax.pmean((g, m), mesh_lib.BATCH_AXES)
-
-  if accum_steps > 1:
-    batch_spec = jax.tree.map(lambda s: s.spec, batch_shardings)
-    compute = jax.shard_map(
-        accumulated,
-        mesh=mesh,
-        in_specs=(P(), batch_spec, P(), P()),
-        out_specs=P(),
-    )
+  if diloco is not None and diloco.enabled:
+    train_step = steps_lib.make_diloco_step(
+        loss_fn, mesh, state_shardings, batch_shardings, accum_steps, diloco,
+        inner_tx, communicator)
+  elif communicator is not None or accum_steps > 1:
+    if communicator is None:
+      communicator = comm_lib.Communicator(
+          comm_lib.CommConfig(), mesh_lib.BATCH_AXES, dict(mesh.shape))
+    train_step = steps_lib.make_sync_step(
+        loss_fn, mesh, state_shardings, batch_shardings, accum_steps,
+        communicator)
   else:
-    compute = grads_of
 
-  def train_step(state: TrainState, batch, rng):
-    rng = jax.random.fold_in(rng, state.step)
-    grads, metrics = compute(state.params, batch, rng, state.step)
-    grads = jax.tree.map(
-        jax.lax.with_sharding_constraint, grads, state_shardings.params
-    )
-    metrics["grads/global_norm"] = optax.tree.norm(grads)
-    return state.apply_gradients(grads), metrics
+    def train_step(state: TrainState, batch, rng):
+      rng = jax.random.fold_in(rng, state.step)
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params, batch, rng, state.step)
+      metrics = {"train/loss": loss, **aux}
+      grads = jax.tree.map(
+          jax.lax.with_sharding_constraint, grads, state_shardings.params
+      )
+      metrics["grads/global_norm"] = optax.tree.norm(grads)
+      return state.apply_gradients(grads), metrics
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(
@@ -201,43 +226,149 @@ def make_train_step(
   )
 
 
-def init_state(task: Task, tx, mesh, rules=mesh_lib.DEFAULT_RULES, seed=0):
+@dataclasses.dataclass
+class Parallel:
+  """What `plan_parallel` resolved from a train config for one mesh."""
+
+  communicator: Any  # parallel.Communicator or None (plain jit step).
+  diloco: Any  # parallel.DilocoConfig (enabled or not).
+  inner_tx: Any  # DiLoCo's inner optimizer (the config's), else None.
+  tx: optax.GradientTransformation  # What TrainState.tx holds.
+  comm_init: Callable | None  # params -> device-local state.
+  comm_specs: Callable | None  # abstract comm state -> PartitionSpecs.
+  zero1: bool
+  devices: int  # The device count that the comm state depends on.
+
+  def wire_bytes(self, abstract_params) -> int:
+    """Bytes each device sends per optimizer step (analytic ring model)."""
+    from jaxlib_models.parallel import comm as comm_lib  # noqa: PLC0415
+
+    if self.diloco.enabled:
+      per_sync = self.communicator.wire_bytes(abstract_params)
+      return per_sync / self.diloco.sync_every
+    c = self.communicator
+    if c is None:
+      return 0 if self.devices == 1 else comm_lib.Communicator(
+          comm_lib.CommConfig(), ("data",), {"data": self.devices}
+      ).wire_bytes(abstract_params)
+    return c.wire_bytes(abstract_params)
+
+
+def plan_parallel(tc: TrainConfig, mesh, lr_scales=None) -> Parallel:
+  """Resolves the sync variant (plain, communicator, DiLoCo) for `mesh`."""
+  from jaxlib_models.parallel import comm as comm_lib  # noqa: PLC0415
+  from jaxlib_models.parallel import steps as steps_lib  # noqa: PLC0415
+
+  opt = make_optimizer(tc, lr_scales)
+  shape = dict(mesh.shape)
+  if tc.diloco.enabled:
+    steps_lib.diloco_check_mesh(mesh)
+    outer = comm_lib.Communicator(tc.diloco.outer_comm, ("node",), shape)
+    reps = mesh.shape["node"]
+    return Parallel(
+        communicator=outer, diloco=tc.diloco, inner_tx=opt,
+        tx=tc.diloco.outer_tx(),
+        comm_init=lambda p: steps_lib.diloco_init(p, opt, outer, reps),
+        comm_specs=lambda a: steps_lib.diloco_specs(a, outer),
+        zero1=False, devices=reps)
+  n = math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES)
+  comm = None
+  if tc.comm.name != "none" or tc.comm.hierarchical or tc.accum_steps > 1:
+    if tc.comm.hierarchical:
+      if mesh.shape["fsdp"] > 1:
+        raise ValueError("comm.hierarchical syncs over (node, data); set mesh fsdp=1")
+      axes = ("node", "data")
+    else:
+      axes = mesh_lib.BATCH_AXES
+    comm = comm_lib.Communicator(tc.comm, axes, shape)
+    if tc.comm.name != "none" and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
+      logging.warning(
+          "comm=%s runs the model data-parallel inside shard_map: parameters"
+          " split over fsdp/tensor are gathered for the step; compression is"
+          " meant for the DP and ZeRO-1 layouts", tc.comm.name)
+  return Parallel(
+      communicator=comm, diloco=tc.diloco, inner_tx=None, tx=opt,
+      comm_init=None if comm is None else comm.init,
+      comm_specs=None if comm is None else comm.state_specs,
+      zero1=tc.zero1, devices=n)
+
+
+def _like_params(opt_abs, params_abs, param_sh, mesh):
+  """Optimizer-state shardings: a leaf that mirrors a parameter (Adam's mu
+  and nu, momentum) is laid out like it; counters and scalars replicate.
+
+  Sharding propagation alone leaves `zeros_like(params)` replicated, which
+  would keep a full optimizer state on every device under FSDP.
+  """
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params_abs)[0]:
+    by_path[tuple(path)] = leaf.shape
+  sh_by_path = {tuple(p): s for p, s in
+                jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    path = tuple(path)
+    for k in range(len(path)):
+      suffix = path[k:]
+      if suffix in by_path and by_path[suffix] == leaf.shape:
+        return sh_by_path[suffix]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, opt_abs)
+
+
+def init_state(task: Task, tx, mesh, rules=mesh_lib.DEFAULT_RULES, seed=0,
+               parallel: Parallel | None = None):
   """Compiles sharded initialisation; returns (init_fn, state_shardings).
 
   Nothing is materialised here: `init_fn()` builds the state directly in its
   shardings (no full copy on one device), and the shardings alone serve as
-  the restore target when a checkpoint exists.
+  the restore target when a checkpoint exists. `parallel` adds the
+  device-local comm state and the ZeRO-1 optimizer-state layout.
   """
+  from jaxlib_models.parallel import steps as steps_lib  # noqa: PLC0415
+
   rng = jax.random.key(seed)
   abstract = jax.eval_shape(task.init_params, rng)
   param_sh = mesh_lib.tree_shardings(task.param_axes, abstract, mesh, rules)
+  comm_init = parallel.comm_init if parallel is not None else None
 
-  def create(rng):
-    params = task.init_params(rng)
+  def from_params(params):
     params = jax.lax.with_sharding_constraint(params, param_sh)
-    return TrainState.create(params, tx)
+    comm = comm_init(params) if comm_init is not None else None
+    return TrainState.create(params, tx, comm)
 
   if task.pretrained is not None:
-    def create_from(params):
-      params = jax.lax.with_sharding_constraint(params, param_sh)
-      return TrainState.create(params, tx)
+    build = from_params
+    arg = abstract
+  else:
+    build = lambda r: from_params(task.init_params(r))
+    arg = rng
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(build).lower(arg).compile()
+  state_abs = jax.eval_shape(build, arg)
+  shardings = compiled.output_shardings.replace(
+      params=param_sh,
+      opt_state=_like_params(state_abs.opt_state, abstract, param_sh, mesh))
+  if parallel is not None and parallel.zero1:
+    shardings = shardings.replace(opt_state=steps_lib.zero1_shardings(
+        shardings.opt_state, state_abs.opt_state, mesh))
+  if comm_init is not None:
+    specs = parallel.comm_specs(state_abs.comm)
+    shardings = shardings.replace(comm=jax.tree.map(
+        lambda sp: NamedSharding(mesh, sp), specs,
+        is_leaf=lambda x: isinstance(x, P)))
+  build_jit = jax.jit(build, out_shardings=shardings)
 
-    create_jit = jax.jit(create_from)
-    with jax.set_mesh(mesh):
-      compiled = create_jit.lower(abstract).compile()
-    shardings = compiled.output_shardings.replace(params=param_sh)
-
+  if task.pretrained is not None:
     def make():  # traceable (train() takes its eval_shape)
       params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype),
                             task.pretrained(), abstract)
-      return create_jit(jax.device_put(params, param_sh))
+      return build_jit(jax.device_put(params, param_sh))
 
     return make, shardings
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(create).lower(rng).compile()
-  shardings = compiled.output_shardings
-  shardings = shardings.replace(params=param_sh)
-  return (lambda: compiled(rng)), shardings
+  return (lambda: build_jit(rng)), shardings
 
 
 def batch_shardings_for(batch: Batch, mesh) -> dict:
@@ -293,8 +424,9 @@ def train(
       f.write(config_json)
     os.replace(tmp, os.path.join(workdir, "config.json"))
   logging.info("devices: %s; mesh %s", jax.devices(), dict(mesh.shape))
-  tx = make_optimizer(tc, task.lr_scales)
-  make_state, state_sh = init_state(task, tx, mesh, rules, tc.seed)
+  par = plan_parallel(tc, mesh, task.lr_scales)
+  make_state, state_sh = init_state(task, par.tx, mesh, tc.rules or rules,
+                                    tc.seed, par)
   ckpt = ckpt_lib.Checkpointer(
       workdir,
       save_every=tc.checkpoint_every,
@@ -303,18 +435,34 @@ def train(
   )
   # Resume order: 1. latest checkpoint in workdir, 2. fresh initialisation.
   abstract = jax.eval_shape(make_state)
-  restored = ckpt.restore_latest(ckpt_lib.abstract_like(abstract, state_sh))
+  restored = ckpt.restore_latest(ckpt_lib.abstract_like(abstract, state_sh),
+                                 comm_devices=par.devices)
   if restored is not None:
     state, meta, start = restored
     logging.info("resumed from step %d (%s)", start, ckpt.directory)
     print(f"resumed from step {start} ({ckpt.directory})", flush=True)
+    if par.comm_init is not None and state.comm is None:
+      # Saved on another device count (or without comm state): policy reset.
+      print(f"comm state reset: the checkpoint was not written for"
+            f" {par.devices} devices", flush=True)
+      with jax.set_mesh(mesh):
+        state = state.replace(comm=jax.jit(
+            par.comm_init, out_shardings=state_sh.comm)(state.params))
   else:
     state, start = make_state(), 0
+  wire = par.wire_bytes(abstract.params)
+  if jax.process_index() == 0:
+    from jaxlib_models.parallel import steps as steps_lib  # noqa: PLC0415
+
+    print(f"layout: {steps_lib.layout_summary(mesh, par.zero1, tc.comm, tc.diloco)};"
+          f" gradient bytes sent per device per step: {wire:,.0f}", flush=True)
 
   batches = task.batches(start)
   first = next(batches)
   batch_sh = batch_shardings_for(first, mesh)
-  step_fn = make_train_step(task.loss_fn, mesh, state_sh, batch_sh, tc.accum_steps)
+  step_fn = make_train_step(
+      task.loss_fn, mesh, state_sh, batch_sh, tc.accum_steps,
+      communicator=par.communicator, diloco=par.diloco, inner_tx=par.inner_tx)
   rng = jax.random.key(tc.seed + 1)
   writer = metrics_lib.MetricsWriter(
       workdir, tc.num_steps, start, tc.log_every, progress=tc.progress,
@@ -338,7 +486,8 @@ def train(
         if ckpt.manager.should_save(done) or done == tc.num_steps:
           host = jax.device_get(metrics)  # Never save a non-finite state.
           _check_finite(done, host, ckpt.directory, last_saved)
-          ckpt.save(done, state, {**meta, "step": done}, force=True)
+          ckpt.save(done, state, {**meta, "step": done,
+                                  "comm_devices": par.devices}, force=True)
           last_saved = done
       if pending is not None:
         host = jax.device_get(pending[1])
@@ -354,8 +503,9 @@ def restore_params(task: Task, workdir: str, mesh=None, seed: int = 0, tc=None):
   """Loads the newest checkpoint's state for evaluation; clear error if none."""
   tc = tc or TrainConfig()
   mesh = mesh or mesh_lib.make_mesh({"data": -1})
-  tx = make_optimizer(tc, task.lr_scales)
-  make_state, state_sh = init_state(task, tx, mesh, seed=seed)
+  par = plan_parallel(tc, mesh, task.lr_scales)
+  make_state, state_sh = init_state(task, par.tx, mesh, tc.rules or
+                                    mesh_lib.DEFAULT_RULES, seed, par)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   if not os.path.isdir(ckpt.directory) or ckpt.latest_step() is None:
     raise ckpt_lib.CheckpointError(
@@ -363,6 +513,7 @@ def restore_params(task: Task, workdir: str, mesh=None, seed: int = 0, tc=None):
         f" python -m train --config ... --workdir {workdir}"
     )
   abstract = jax.eval_shape(make_state)
-  state, meta, step = ckpt.restore_latest(ckpt_lib.abstract_like(abstract, state_sh))
+  state, meta, step = ckpt.restore_latest(
+      ckpt_lib.abstract_like(abstract, state_sh), comm_devices=par.devices)
   ckpt.close()
   return state, meta, step

@@ -37,9 +37,23 @@ def final_logits(outs: list[dict]) -> jax.Array:
   return outs[0][max(outs[0])]
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+  """`jnp.argmax(logits, -1)` as int32: first maximum, first NaN if any.
+
+  Written as max + compare + min: XLA's CPU argmax (a variadic value/index
+  reduction) took 0.88 ms on (8, 49152) float32 logits against 0.21 ms for
+  this form (2-core AMD EPYC CPU, jax 0.10.2).
+  """
+  v = logits.shape[-1]
+  top = jnp.max(logits, -1, keepdims=True)  # NaN when the row has one
+  hit = (logits == top) | jnp.isnan(logits)
+  iota = jnp.arange(v, dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, iota, v), -1)
+
+
 def _sample(logits, rng, temperature: float, top_p: float):
   if temperature <= 0:
-    return jnp.argmax(logits, -1).astype(jnp.int32)
+    return greedy(logits)
   logits = logits / temperature
   if top_p < 1.0:
     srt = jnp.sort(logits, -1)[..., ::-1]
@@ -116,10 +130,9 @@ def generate(
   result = [[] for _ in range(b)]
   params = tuple(s.params for s in streams)
   pos = [jnp.asarray(p) for p in last_pos]
-  for t in tqdm(range(max_new_tokens), disable=not progress,
-                desc="generate", unit="tok"):
-    rng, sub = jax.random.split(rng)
-    token, caches, outs, pos = step(params, caches, outs, pos, sub)
+
+  def take(token) -> bool:
+    """Appends one step's tokens to the live rows; True when all stopped."""
     token = np.asarray(token)
     for i in range(b):
       if done[i]:
@@ -132,8 +145,21 @@ def generate(
         text = tokenizer.decode(result[i][-16:])
         if any(ss in text for ss in stop_strings):
           done[i] = True
-    if done.all():
+    return done.all()
+
+  # Step t+1 is dispatched before step t's tokens are pulled to the host, so
+  # the device never waits for the host's bookkeeping (the last dispatched
+  # step is wasted when every row stops early).
+  pending = None
+  for _ in tqdm(range(max_new_tokens), disable=not progress,
+                desc="generate", unit="tok"):
+    token, caches, outs, pos, rng = step(params, caches, outs, pos, rng)
+    if pending is not None and take(pending):
+      pending = None
       break
+    pending = token
+  if pending is not None:
+    take(pending)
   if stop_strings:
     for i in range(b):
       text = tokenizer.decode(result[i])
@@ -160,7 +186,8 @@ def _prefill(params, cfg, exits, tok, mask, pos, cache):
 
 @functools.lru_cache(maxsize=32)
 def _prefill_fn(cfg, exits):
-  @jax.jit
+  # The fresh cache is donated: the prompt's keys are written into it.
+  @functools.partial(jax.jit, donate_argnums=(4,))
   def run(params, tok, mask, pos, cache):
     out = forward(params, cfg, tok, token_mask=mask, positions=pos,
                   cache=cache, exit_layers=exits,
@@ -174,8 +201,9 @@ def _make_step(cfgs, exits, combine, temperature, top_p):
   # The caches are donated: each step updates them in place, no copy.
   @functools.partial(jax.jit, donate_argnums=(1,))
   def step(params, caches, outs, pos, rng):
+    rng, sub = jax.random.split(rng)
     logits = combine(outs).astype(jnp.float32)
-    token = _sample(logits, rng, temperature, top_p)
+    token = _sample(logits, sub, temperature, top_p)
     new_caches, new_outs, new_pos = [], [], []
     for p, cfg, ex, cache, ps in zip(params, cfgs, exits, caches, pos):
       ps = ps + 1
@@ -184,7 +212,7 @@ def _make_step(cfgs, exits, combine, temperature, top_p):
       new_caches.append(out.cache)
       new_outs.append(_pack(out, cfg))
       new_pos.append(ps)
-    return token, new_caches, new_outs, new_pos
+    return token, new_caches, new_outs, new_pos, rng
   return step
 
 

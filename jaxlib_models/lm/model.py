@@ -106,11 +106,18 @@ def _dense(features, name, bias, dtype):
 
 
 class LlamaAttention(nn.Module):
+  """Grouped-query attention over the new tokens and the cache.
+
+  `kv` is either None (no cache), the stacked (K, V) cache of every layer,
+  each (L, B, S, n_kv, d_h), which this layer updates at (layer, :, index)
+  and returns, or with `shared_prefix` a read-only batch-1 stacked prefix.
+  """
+
   cfg: LlamaConfig
   shared_prefix: bool = False
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, layer_cache, cache_index):
+  def __call__(self, x, cos, sin, mask, kv, layer, cache_index):
     c = self.cfg
     b, t, _ = x.shape
     h, hkv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -120,13 +127,12 @@ class LlamaAttention(nn.Module):
     v = _dense(hkv * dh, "v_proj", c.attention_bias, dt)(x)
     k, v = k.reshape(b, t, hkv, dh), v.reshape(b, t, hkv, dh)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new_cache = None
     g = h // hkv
+    q = q.reshape(b, t, hkv, g, dh)
     if self.shared_prefix:  # read-only batch-1 prefix + own causal keys
-      ck, cv = layer_cache
+      ck, cv = (_layer_slice(a, layer)[0].astype(dt) for a in kv)
       prefix_mask, own_mask = mask
-      q = q.reshape(b, t, hkv, g, dh)
-      s1 = jnp.einsum("btkgd,skd->bkgts", q, ck[0].astype(dt),
+      s1 = jnp.einsum("btkgd,skd->bkgts", q, ck,
                       preferred_element_type=jnp.float32)
       s2 = jnp.einsum("btkgd,bskd->bkgts", q, k,
                       preferred_element_type=jnp.float32)
@@ -134,27 +140,30 @@ class LlamaAttention(nn.Module):
       s2 = jnp.where(own_mask[:, None, None], s2, _NEG)
       sc = jnp.concatenate([s1, s2], -1) / math.sqrt(dh)
       p = jax.nn.softmax(sc, axis=-1).astype(dt)
-      n = ck.shape[1]
-      o = (jnp.einsum("bkgts,skd->btkgd", p[..., :n], cv[0].astype(dt))
+      n = ck.shape[0]
+      o = (jnp.einsum("bkgts,skd->btkgd", p[..., :n], cv)
            + jnp.einsum("bkgts,bskd->btkgd", p[..., n:], v))
       o = o.reshape(b, t, h * dh)
-      return _dense(c.hidden_size, "o_proj", False, dt)(o), None
-    if layer_cache is not None:
-      ck, cv = layer_cache
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype),
-                                        (0, cache_index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype),
-                                        (0, cache_index, 0, 0))
-      new_cache = (ck, cv)
-      k, v = ck.astype(dt), cv.astype(dt)
-    q = q.reshape(b, t, hkv, g, dh)
+      return _dense(c.hidden_size, "o_proj", False, dt)(o), kv
+    if kv is not None:
+      # Write this layer's new keys into the stacked cache (an in-place
+      # update of the scan carry) and attend over the layer's slots.
+      start = (layer, 0, cache_index, 0, 0)
+      kv = tuple(jax.lax.dynamic_update_slice(a, n[None].astype(a.dtype),
+                                              start)
+                 for a, n in zip(kv, (k, v)))
+      k, v = (_layer_slice(a, layer).astype(dt) for a in kv)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k,
                    preferred_element_type=jnp.float32) / math.sqrt(dh)
     s = jnp.where(mask[:, None, None], s, _NEG)
     p = jax.nn.softmax(s, axis=-1).astype(dt)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h * dh)
     o = _dense(c.hidden_size, "o_proj", False, dt)(o)
-    return o, new_cache
+    return o, kv
+
+
+def _layer_slice(a: Array, layer: Array) -> Array:
+  return jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
 
 
 class LlamaMLP(nn.Module):
@@ -169,23 +178,32 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+  """One block; under `nn.scan` the carry is (x, stacked cache or None)."""
+
   cfg: LlamaConfig
   shared_prefix: bool = False
 
   @nn.compact
-  def __call__(self, x, layer_cache, cos, sin, mask, cache_index):
+  def __call__(self, carry, layer, cos, sin, mask, cache_index):
     c, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    a, new_cache = LlamaAttention(c, self.shared_prefix, name="self_attn")(
+    x, kv = carry
+    a, kv = LlamaAttention(c, self.shared_prefix, name="self_attn")(
         RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(x), cos, sin,
-        mask, layer_cache, cache_index)
+        mask, kv, layer, cache_index)
     x = x + a
     x = x + LlamaMLP(c, name="mlp")(
         RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(x))
-    return x, (x, new_cache)
+    return (x, kv), x
 
 
 class LlamaModel(nn.Module):
-  """Embedding, scanned blocks and final norm; returns all hidden states."""
+  """Embedding, scanned blocks and final norm; returns all hidden states.
+
+  The stacked KV cache rides in the scan carry, not in its per-layer inputs
+  and outputs: as xs/ys every call would slice every layer's cache out and
+  assemble a fresh (L, B, S, n_kv, d_h) copy; as a carry XLA writes the new
+  tokens into the (donated) buffers in place.
+  """
 
   cfg: LlamaConfig
   shared_prefix: bool = False
@@ -209,7 +227,9 @@ class LlamaModel(nn.Module):
     x = self.embed_tokens(tokens).astype(dt)
     ang = positions[..., None].astype(jnp.float32) * rope_inv_freq(c)
     cos, sin = jnp.cos(ang).astype(dt), jnp.sin(ang).astype(dt)
-    _, (hidden, new_cache) = self.layers(x, cache, cos, sin, mask, cache_index)
+    layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+    (_, new_cache), hidden = self.layers((x, cache), layer_ids, cos, sin,
+                                         mask, cache_index)
     hidden = jnp.concatenate([x[None], hidden], 0)  # (L+1, B, T, D)
     return hidden, new_cache
 
@@ -349,8 +369,8 @@ def forward(
     layer_cache = (cache.k, cache.v)
   model = LlamaForCausalLM(cfg, prefix is not None)
   hidden, exits, new_kv = model.apply(
-      {"params": params}, tokens, positions, mask, layer_cache, start,
-      exit_layers, logits_for)
+      {"params": params}, tokens, positions, mask, layer_cache,
+      jnp.asarray(start, jnp.int32), exit_layers, logits_for)
   new_cache = None
   if cache is not None:
     new_cache = KVCache(new_kv[0], new_kv[1], valid, start + t)

@@ -54,8 +54,8 @@ def test_cli_parsing_and_missing_file():
 
 
 def test_mesh_shape_fills_and_errors():
-  assert mesh_lib.mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2, 1)
-  assert mesh_lib.mesh_shape({"tensor": -1}, 8) == (1, 1, 8)
+  assert mesh_lib.mesh_shape({"data": -1, "fsdp": 2}, 8) == (1, 4, 2, 1)
+  assert mesh_lib.mesh_shape({"tensor": -1}, 8) == (1, 1, 1, 8)
   with pytest.raises(ValueError, match="at most one"):
     mesh_lib.mesh_shape({"data": -1, "fsdp": -1}, 8)
   with pytest.raises(ValueError, match="needs 6 devices"):

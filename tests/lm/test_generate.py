@@ -8,7 +8,7 @@ import pytest
 from jaxlib_models.decoding import contrast
 from jaxlib_models.decoding.config import DecodingConfig
 from jaxlib_models.lm import LlamaConfig, forward, init_params
-from jaxlib_models.lm.generate import GenStream, generate
+from jaxlib_models.lm.generate import GenStream, generate, greedy
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -99,3 +99,19 @@ def test_too_long_prompt_and_bad_args_raise(params):
   with pytest.raises(ValueError, match="out of range"):
     generate([GenStream(CFG, params, [[1]], exit_layers=(9,))],
              max_new_tokens=2)
+
+
+def test_greedy_equals_argmax_with_ties_and_nan():
+  """The max+compare argmax picks the first maximum like jnp.argmax.
+
+  Planted bug: `jnp.max` of the indices (last maximum) fails the tie rows.
+  """
+  z = jax.random.normal(jax.random.key(0), (6, 50))
+  z = z.at[1, 7].set(9.0).at[1, 30].set(9.0)  # tie: first wins
+  z = z.at[2].set(0.0)  # all equal
+  z = z.at[3, 11].set(jnp.nan).at[3, 40].set(jnp.nan)  # first NaN wins
+  z = z.at[4, 49].set(jnp.inf)
+  z = z.at[5].set(-jnp.inf)
+  got = jax.jit(greedy)(z)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, jnp.argmax(z, -1))

@@ -1,0 +1,1 @@
+"""Parallel layouts, gradient communicators, DiLoCo and multi-host launch."""

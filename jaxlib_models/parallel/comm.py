@@ -1,0 +1,579 @@
+"""Gradient communicators: the exact or compressed mean over data axes.
+
+A `Communicator` runs inside `jax.shard_map`, takes this device's local
+gradients and returns an estimate of their mean over `axis_names`, with
+error feedback (EF) for the biased compressors and, optionally, a
+hierarchical scheme that compresses only the slow (outer) hop.
+
+Compressors (d: tensor size, n: devices in the compressed group):
+
+- none: f32 pmean.
+- bf16: bf16 psum, /n.
+- int8: shared scale pmax(max|p|)/L, L = floor(127/n), stochastic rounding,
+  int8 psum.
+- qsgd: QSGD (arXiv 1610.02132) with s levels and a shared scale
+  pmax(||p||_2); int8 psum while n*s <= 127, else an all-gather of the
+  levels (int8 for s <= 127), summed locally in int32.
+- terngrad: TernGrad (arXiv 1705.07878) with a shared scale pmax(max|p|),
+  int8 psum of the ternary values.
+- randomk: k = ratio*d coordinates from a key shared by all devices, f32
+  psum of the k values; scaled by d/k (unbiased) or not (with EF).
+- topk: per-device top-|p| coordinates (DGC, arXiv 1712.01887),
+  all-gather of i32[k] indices and f32[k] values.
+- sign: EF-SignSGD (arXiv 1901.09847), (||p||_1/d) sign(p), all-gather of
+  int8 signs and the f32 scale.
+- sign_mv: signSGD with majority vote (arXiv 1810.05291), int8 psum of the
+  signs and a pmean of the scales; g = mean_scale * sign(sum of signs).
+- powersgd: PowerSGD (arXiv 1905.13727), one warm-started power-iteration
+  step per call: P = M Q, pmean, orthonormalise, Q = M^T P, pmean,
+  g = P Q^T; the tensor is viewed as (shape[0], rest).
+
+EF (arXiv 1901.09847): p = g + e, and e <- p - C(p) with C(p) this device's
+own decompressed message, or e <- p - g_hat for PowerSGD (the shared
+reconstruction, as PyTorch's powerSGD_hook does). Residuals stay on their
+device. Tensors with ndim < 2 or fewer than `min_size` elements bypass
+compression (exact f32 mean).
+
+Hierarchical (two axes, outer/slow and inner/fast): each leaf is flattened
+and zero-padded to a multiple of |inner|, reduce-scattered over inner (mean),
+averaged over outer through the compressor (EF residuals then have the
+shard's shape), all-gathered over inner and unpadded. PowerSGD-compressed
+leaves are split by rows of their (m, rest) matrix instead, so that each
+shard is still a matrix (with its own Q per inner index).
+
+Wire bytes use the ring model of `parallel.hlo` and count every collective
+of one call after `start_iter`, scalar ones included (the shared scales and,
+with EF, one f32 all-reduce for the "comm/ef_norm" stat).
+"""
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxlib_models.parallel import hlo
+
+NAMES = (
+    "none",
+    "bf16",
+    "int8",
+    "qsgd",
+    "terngrad",
+    "randomk",
+    "topk",
+    "sign",
+    "sign_mv",
+    "powersgd",
+)
+# Biased compressors: error feedback applies (random-k only when unscaled).
+_EF_NAMES = ("randomk", "topk", "sign", "sign_mv", "powersgd")
+# Schemes whose int8 psum of n values in [-1, 1] needs n <= 127.
+_TERNARY_NAMES = ("terngrad", "sign_mv")
+_Q_SEED = 0  # PowerSGD's initial Q comes from this fixed key on every device.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class CommConfig:
+  """How gradients travel between data-parallel devices (train key `comm`)."""
+
+  name: str = "none"  # One of NAMES.
+  # Residual memory for the biased compressors (unscaled randomk, topk, sign,
+  # sign_mv, powersgd); ignored by the others.
+  error_feedback: bool = True
+  ratio: float = 0.01  # k/d for randomk and topk.
+  scale_randomk: bool = False  # Scale randomk by d/k (unbiased, no EF).
+  levels: int = 4  # QSGD levels s.
+  rank: int = 4  # PowerSGD rank r (capped per tensor by its shape).
+  # Steps with the exact mean before compression starts (PowerSGD's
+  # start_powerSGD_iter, applied to every compressor).
+  start_iter: int = 0
+  # Tensors with fewer elements, and all tensors with ndim < 2, are averaged
+  # exactly.
+  min_size: int = 0
+  orth_eps: float = 1e-8  # Added to column norms in PowerSGD's Gram-Schmidt.
+  # Two axes (outer/slow, inner/fast): reduce-scatter over inner, compressed
+  # mean over outer on the shard, all-gather over inner.
+  hierarchical: bool = False
+
+  def __post_init__(self):
+    if self.name not in NAMES:
+      raise ValueError(f"comm.name={self.name!r}: choose one of {NAMES}")
+    if not 0.0 < self.ratio <= 1.0:
+      raise ValueError(f"comm.ratio={self.ratio} must lie in (0, 1]")
+    if self.levels < 1:
+      raise ValueError(f"comm.levels={self.levels} must be >= 1")
+    if self.rank < 1:
+      raise ValueError(f"comm.rank={self.rank} must be >= 1")
+    if self.start_iter < 0:
+      raise ValueError(f"comm.start_iter={self.start_iter} must be >= 0")
+    if self.min_size < 0:
+      raise ValueError(f"comm.min_size={self.min_size} must be >= 0")
+    if self.orth_eps < 0:
+      raise ValueError(f"comm.orth_eps={self.orth_eps} must be >= 0")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "CommConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(
+          f"unknown comm settings {unknown}; valid: {sorted(names)}")
+    return cls(**d)
+
+  @property
+  def uses_ef(self) -> bool:
+    """Whether compressed tensors keep an error-feedback residual."""
+    if not self.error_feedback or self.name not in _EF_NAMES:
+      return False
+    return not (self.name == "randomk" and self.scale_randomk)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  """How one parameter travels."""
+
+  name: str  # State key: index and path, e.g. "0001_dense_kernel".
+  shape: tuple[int, ...]  # The gradient's shape.
+  compress: bool  # False: exact f32 mean.
+  work: tuple[int, ...]  # Per-device shape the compressor sees.
+  pad: int  # Hierarchical padding (elements, or rows when `rows`).
+  rows: bool  # Hierarchical shard of the (m, rest) matrix by rows.
+  rank: int  # PowerSGD rank for this tensor (0 if not PowerSGD).
+  k: int  # randomk / topk count (0 otherwise).
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.work)
+
+
+def _leaf_name(i: int, path) -> str:
+  s = jax.tree_util.keystr(path, simple=True, separator="_")
+  return f"{i:04d}_" + re.sub(r"[^0-9A-Za-z_]", "_", s)
+
+
+def _matrix(shape) -> tuple[int, int]:
+  return shape[0], math.prod(shape[1:])
+
+
+def _int_dtype(maxval: int):
+  for dt in (jnp.int8, jnp.int16, jnp.int32):
+    if maxval <= jnp.iinfo(dt).max:
+      return dt
+  raise ValueError(f"no integer type holds {maxval}")
+
+
+def _safe(scale: jax.Array) -> jax.Array:
+  return jnp.where(scale > 0, scale, 1.0)
+
+
+def orthonormalize(p_MR: jax.Array, eps: float) -> jax.Array:
+  """Gram-Schmidt with one re-orthogonalisation pass (columns of p_MR).
+
+  Each column is divided by its norm plus `eps`; zero columns stay zero.
+  """
+  cols = []
+  for j in range(p_MR.shape[1]):
+    v_M = p_MR[:, j]
+    if cols:
+      b_MJ = jnp.stack(cols, axis=1)
+      for _ in range(2):  # "Twice is enough" (Giraud et al., 2005).
+        v_M = v_M - jnp.dot(b_MJ, jnp.dot(v_M, b_MJ, precision=_HIGHEST),
+                            precision=_HIGHEST)
+    norm = jnp.sqrt(jnp.sum(v_M * v_M))
+    cols.append(jnp.where(norm + eps > 0, v_M / (norm + eps), 0.0))
+  return jnp.stack(cols, axis=1)
+
+
+def powersgd_round(m_MN, q_NR, axes, eps: float):
+  """One PowerSGD step on this device's matrix (arXiv 1905.13727, Alg. 1).
+
+  Args:
+    m_MN: this device's matrix (gradient plus residual).
+    q_NR: the shared warm-start Q.
+    axes: mesh axes to average over.
+    eps: orthogonalisation epsilon.
+
+  Returns:
+    (g_hat_MN, q_NR): the shared rank-R estimate of the mean of m_MN, and the
+    averaged Q for the next step.
+  """
+  p_MR = jax.lax.pmean(jnp.dot(m_MN, q_NR, precision=_HIGHEST), axes)
+  p_MR = orthonormalize(p_MR, eps)
+  q_new_NR = jax.lax.pmean(jnp.dot(m_MN.T, p_MR, precision=_HIGHEST), axes)
+  g_MN = jnp.dot(p_MR, q_new_NR.T, precision=_HIGHEST)
+  # A zero column (e.g. an all-zero gradient) would stay zero for ever.
+  alive_R = jnp.sum(q_new_NR * q_new_NR, axis=0) > 0
+  return g_MN, jnp.where(alive_R, q_new_NR, q_NR)
+
+
+class Communicator:
+  """Exact or compressed mean of local gradients over mesh axes.
+
+  Call inside `jax.shard_map` over (at least) `axis_names` with
+  `check_vma=self.check_vma`. The state comes from `init` (global arrays)
+  and is laid out by `state_specs`.
+  """
+
+  def __init__(self, cfg: CommConfig, axis_names: Sequence[str],
+               mesh_shape: Mapping[str, int]):
+    """Checks the axes against the mesh.
+
+    Args:
+      cfg: the compressor settings.
+      axis_names: mesh axes to average over; with `cfg.hierarchical`, exactly
+        (outer, inner): the compressor runs on the outer hop only.
+      mesh_shape: size of every mesh axis (`dict(mesh.shape)`).
+    """
+    self.cfg = cfg
+    self.axis_names = tuple(axis_names)
+    missing = [a for a in self.axis_names if a not in mesh_shape]
+    if missing or not self.axis_names:
+      raise ValueError(f"axis_names={self.axis_names}: {missing} not in the"
+                       f" mesh axes {tuple(mesh_shape)}")
+    self.n = math.prod(int(mesh_shape[a]) for a in self.axis_names)
+    if cfg.hierarchical:
+      if len(self.axis_names) != 2:
+        raise ValueError(
+            f"comm.hierarchical needs axis_names=(outer, inner), got"
+            f" {self.axis_names}")
+      self.outer, self.inner = self.axis_names
+      self.n_inner = int(mesh_shape[self.inner])
+      self.comm_axes = (self.outer,)
+    else:
+      self.outer = self.inner = None
+      self.n_inner = 1
+      self.comm_axes = self.axis_names
+    self.n_comm = self.n // self.n_inner  # Devices in a compressed group.
+    if cfg.name == "int8" and 127 // self.n_comm < 1:
+      raise ValueError(f"comm.name='int8' needs <= 127 devices per group,"
+                       f" got {self.n_comm} (int8 levels floor(127/n) < 1)")
+    if cfg.name in _TERNARY_NAMES and self.n_comm > 127:
+      raise ValueError(f"comm.name={cfg.name!r} sums int8 in [-1, 1] over"
+                       f" {self.n_comm} > 127 devices")
+
+  @property
+  def qsgd_gathers(self) -> bool:
+    """QSGD falls back to an all-gather when an int8 psum could overflow."""
+    return self.cfg.name == "qsgd" and self.n_comm * self.cfg.levels > 127
+
+  @property
+  def check_vma(self) -> bool:
+    """False for gather-based schemes (their outputs are typed varying)."""
+    gathers = self.cfg.name in ("topk", "sign") or self.qsgd_gathers
+    return not (gathers or self.cfg.hierarchical)
+
+  # ------------------------------------------------------------- planning
+
+  def _plan(self, tree) -> tuple[list[_Leaf], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    cfg, inner = self.cfg, self.n_inner
+    out = []
+    for i, (path, x) in enumerate(flat):
+      shape = tuple(x.shape)
+      d = math.prod(shape)
+      compress = (cfg.name != "none" and len(shape) >= 2
+                  and d >= cfg.min_size)
+      rows = cfg.hierarchical and compress and cfg.name == "powersgd"
+      pad, work = 0, shape
+      if rows:
+        m, c = _matrix(shape)
+        pad = -m % inner
+        work = ((m + pad) // inner, c)
+      elif cfg.hierarchical:
+        pad = -d % inner
+        work = ((d + pad) // inner,)
+      elif cfg.name == "powersgd" and compress:
+        work = _matrix(shape)
+      rank = k = 0
+      if compress and cfg.name == "powersgd":
+        m, c = work
+        rank = min(cfg.rank, m, c)
+        compress = rank * (m + c) < m * c
+        rank = rank if compress else 0
+      if compress and cfg.name in ("randomk", "topk"):
+        dw = math.prod(work)
+        k = max(1, min(dw, round(cfg.ratio * dw)))
+      out.append(_Leaf(_leaf_name(i, path), shape, compress, work, pad, rows,
+                       rank, k))
+    return out, treedef
+
+  def _has_ef(self, leaf: _Leaf) -> bool:
+    return leaf.compress and self.cfg.uses_ef
+
+  # ---------------------------------------------------------------- state
+
+  def init(self, params) -> dict:
+    """Zero residuals, the initial PowerSGD Q and a step counter.
+
+    Args:
+      params: global parameters (arrays or ShapeDtypeStructs); traceable.
+
+    Returns:
+      {"step": int32[], "ef": {name: f32[n, *work]}, "q": {name: Q}} where Q
+      is f32[m_cols, r] (shared) or f32[n, m_cols, r] (hierarchical: each
+      inner shard has its own Q).
+    """
+    leaves, _ = self._plan(params)
+    ef, q = {}, {}
+    for i, leaf in enumerate(leaves):
+      if self._has_ef(leaf):
+        ef[leaf.name] = jnp.zeros((self.n,) + leaf.work, jnp.float32)
+      if leaf.rank:
+        key = jax.random.fold_in(jax.random.key(_Q_SEED), i)
+        q0 = jax.random.normal(key, (leaf.work[1], leaf.rank), jnp.float32)
+        if self.cfg.hierarchical:
+          q0 = jnp.broadcast_to(q0, (self.n,) + q0.shape)
+        q[leaf.name] = q0
+    return {"step": jnp.zeros((), jnp.int32), "ef": ef, "q": q}
+
+  def state_specs(self, state) -> dict:
+    """P(axis_names) on the leading dim of per-device leaves, P() otherwise."""
+    dev = P(self.axis_names)
+    q_spec = dev if self.cfg.hierarchical else P()
+    return {
+        "step": P(),
+        "ef": {k: dev for k in state["ef"]},
+        "q": {k: q_spec for k in state["q"]},
+    }
+
+  # ------------------------------------------------------------ the call
+
+  def __call__(self, grads, state, key):
+    """Mean of `grads` over `axis_names` (inside shard_map).
+
+    Args:
+      grads: this device's gradients (pytree of float arrays).
+      state: this device's view of `init`'s state (per-device leaves with a
+        leading dim of 1).
+      key: a PRNG key, identical on all devices.
+
+    Returns:
+      (mean, new_state, stats): the mean estimate (shapes and dtypes of
+      `grads`, identical on all devices), the state, and scalar stats
+      ("comm/ef_norm": RMS over devices of the residual norm, when EF is on;
+      "comm/compressing": 1 once compression runs).
+    """
+    cfg = self.cfg
+    leaves, treedef = self._plan(grads)
+    g_leaves = treedef.flatten_up_to(grads)
+    step = state["step"]
+    ef = {k: v[0] for k, v in state["ef"].items()}
+    q = state["q"]
+    if cfg.hierarchical:
+      q = {k: v[0] for k, v in q.items()}
+    key = jax.random.fold_in(key, step)
+    operands = (g_leaves, ef, q, key)
+    if cfg.name == "none" or cfg.start_iter == 0:
+      outs, ef, q = self._all(leaves, *operands, compressed=cfg.name != "none")
+    else:
+      outs, ef, q = jax.lax.cond(
+          step >= cfg.start_iter,
+          lambda ops: self._all(leaves, *ops, compressed=True),
+          lambda ops: self._all(leaves, *ops, compressed=False),
+          operands)
+    stats = {}
+    if cfg.name != "none":
+      stats["comm/compressing"] = (step >= cfg.start_iter).astype(jnp.float32)
+    if ef:
+      sq = sum(jnp.sum(e * e) for e in ef.values())
+      # Hierarchical residuals are 1/|inner| shards: scale to a full tensor.
+      sq = jax.lax.pmean(sq, self.axis_names) * self.n_inner
+      stats["comm/ef_norm"] = jnp.sqrt(sq)
+    if cfg.hierarchical:
+      q = {k: v[None] for k, v in q.items()}
+    new_state = {
+        "step": step + 1,
+        "ef": {k: v[None] for k, v in ef.items()},
+        "q": q,
+    }
+    mean = jax.tree_util.tree_unflatten(
+        treedef, [o.astype(g.dtype) for o, g in zip(outs, g_leaves)])
+    return mean, new_state, stats
+
+  def _all(self, leaves, g_leaves, ef, q, key, *, compressed: bool):
+    ef, q = dict(ef), dict(q)
+    dev = jax.lax.axis_index(self.axis_names)
+    outs = []
+    for i, (leaf, g) in enumerate(zip(leaves, g_leaves)):
+      x = g.astype(jnp.float32)
+      k_shared = jax.random.fold_in(key, i)
+      k_local = jax.random.fold_in(k_shared, dev)
+      if self.cfg.hierarchical:
+        x = self._scatter(leaf, x)
+      else:
+        x = x.reshape(leaf.work)
+      if compressed and leaf.compress:
+        e = ef.get(leaf.name)
+        p = x if e is None else x + e
+        mean, local, q_new = self._compressed(
+            leaf, p, q.get(leaf.name), k_shared, k_local)
+        if e is not None:
+          ef[leaf.name] = p - local
+        if q_new is not None:
+          q[leaf.name] = q_new
+      else:
+        mean = jax.lax.pmean(x, self.comm_axes)
+      if self.cfg.hierarchical:
+        mean = self._gather(leaf, mean)
+      outs.append(mean.reshape(leaf.shape))
+    return outs, ef, q
+
+  def _scatter(self, leaf: _Leaf, x):
+    """Mean over the inner axis, this device's 1/|inner| shard of it."""
+    if leaf.rows:
+      x = x.reshape(_matrix(leaf.shape))
+      x = jnp.pad(x, ((0, leaf.pad), (0, 0)))
+    else:
+      x = jnp.pad(x.reshape(-1), (0, leaf.pad))
+    shard = jax.lax.psum_scatter(x, self.inner, scatter_dimension=0,
+                                 tiled=True)
+    return shard / self.n_inner
+
+  def _gather(self, leaf: _Leaf, shard):
+    full = jax.lax.all_gather(shard, self.inner, axis=0, tiled=True)
+    full = full[:full.shape[0] - leaf.pad]
+    return full.reshape(leaf.shape)
+
+  def _compressed(self, leaf: _Leaf, p, q, k_shared, k_local):
+    """(mean estimate, this device's decompressed message, new Q)."""
+    cfg, axes, n = self.cfg, self.comm_axes, self.n_comm
+    name = cfg.name
+    if name == "powersgd":
+      g_hat, q_new = powersgd_round(p, q, axes, cfg.orth_eps)
+      return g_hat, g_hat, q_new
+    if name == "bf16":
+      mean = jax.lax.psum(p.astype(jnp.bfloat16), axes).astype(jnp.float32)
+      return mean / n, p, None
+    if name in ("int8", "qsgd", "terngrad"):
+      return self._quantized(p, k_local), p, None
+    flat = p.reshape(-1)
+    d = flat.size
+    if name == "randomk":
+      idx = jax.random.choice(k_shared, d, (leaf.k,), replace=False)
+      vals = flat[idx]
+      scale = d / leaf.k if cfg.scale_randomk else 1.0
+      total = jax.lax.psum(vals, axes)
+      # jnp.zeros, not zeros_like: the mean must not inherit p's varying type.
+      mean = jnp.zeros((d,), p.dtype).at[idx].set(total * (scale / n))
+      local = jnp.zeros_like(flat).at[idx].set(vals * scale)
+    elif name == "topk":
+      _, idx = jax.lax.top_k(jnp.abs(flat), leaf.k)
+      vals = flat[idx]
+      idx_all = jax.lax.all_gather(idx, axes, tiled=True).reshape(n, leaf.k)
+      val_all = jax.lax.all_gather(vals, axes, tiled=True).reshape(n, leaf.k)
+
+      def add_row(j, acc):
+        # Row by row: indices are unique within a row, so the sum has one
+        # fixed order on every device (no atomics on duplicates).
+        return acc.at[idx_all[j]].add(val_all[j], unique_indices=True)
+
+      mean = jax.lax.fori_loop(0, n, add_row, jnp.zeros((d,), p.dtype)) / n
+      local = jnp.zeros_like(flat).at[idx].set(vals)
+    elif name == "sign":
+      scale = jnp.sum(jnp.abs(flat)) / d
+      signs = jnp.sign(flat).astype(jnp.int8)
+      signs_all = jax.lax.all_gather(signs, axes, tiled=True).reshape(n, d)
+      scales_all = jax.lax.all_gather(scale.reshape(1), axes, tiled=True)
+      mean = jnp.dot(scales_all, signs_all.astype(jnp.float32),
+                     precision=_HIGHEST) / n
+      local = scale * jnp.sign(flat)
+    elif name == "sign_mv":
+      scale = jnp.sum(jnp.abs(flat)) / d
+      votes = jax.lax.psum(jnp.sign(flat).astype(jnp.int8), axes)
+      mean = jax.lax.pmean(scale, axes) * jnp.sign(votes).astype(jnp.float32)
+      local = scale * jnp.sign(flat)
+    else:
+      raise AssertionError(name)
+    return mean.reshape(p.shape), local.reshape(p.shape), None
+
+  def _quantized(self, p, k_local):
+    """Unbiased shared-scale integer quantisation, summed as integers."""
+    cfg, axes, n = self.cfg, self.comm_axes, self.n_comm
+    u = jax.random.uniform(k_local, p.shape, jnp.float32)
+    if cfg.name == "int8":
+      levels = 127 // n
+      scale = _safe(jax.lax.pmax(jnp.max(jnp.abs(p)), axes) / levels)
+      q = jnp.clip(jnp.floor(p / scale + u), -levels, levels)
+    elif cfg.name == "qsgd":
+      levels = cfg.levels
+      norm = jnp.sqrt(jnp.sum(p * p))
+      scale = _safe(jax.lax.pmax(norm, axes)) / levels
+      lvl = jnp.clip(jnp.floor(jnp.abs(p) / scale + u), 0, levels)
+      q = jnp.sign(p) * lvl
+    else:  # terngrad
+      levels = 1
+      scale = _safe(jax.lax.pmax(jnp.max(jnp.abs(p)), axes))
+      q = jnp.sign(p) * (u < jnp.abs(p) / scale)
+    if self.qsgd_gathers:
+      q = q.astype(_int_dtype(levels)).reshape(-1)
+      q_all = jax.lax.all_gather(q, axes, tiled=True).reshape(n, -1)
+      total = jnp.sum(q_all.astype(jnp.int32), axis=0).reshape(p.shape)
+    else:
+      total = jax.lax.psum(q.astype(jnp.int8), axes)
+    return scale * total.astype(jnp.float32) / n
+
+  # ---------------------------------------------------------------- bytes
+
+  def wire_bytes_breakdown(self, params) -> list[hlo.Collective]:
+    """The collectives of one call after `start_iter`, in no fixed order.
+
+    Args:
+      params: arrays or ShapeDtypeStructs with the gradients' shapes.
+
+    Returns:
+      One `hlo.Collective` per collective operand, as `hlo.collectives`
+      reads them from the lowered program.
+    """
+    leaves, _ = self._plan(params)
+    cfg, n, inner = self.cfg, self.n_comm, self.n_inner
+    out = []
+
+    def add(kind, shape, dtype, group):
+      out.append(hlo.Collective(kind, tuple(shape), hlo.dtype_name(dtype),
+                                group))
+
+    for leaf in leaves:
+      if cfg.hierarchical:
+        full = (leaf.work[0] * inner,) + leaf.work[1:]
+        add("reduce_scatter", full, jnp.float32, inner)
+      w = leaf.work
+      name = cfg.name if leaf.compress else "none"
+      if name == "none":
+        add("all_reduce", w, jnp.float32, n)
+      elif name == "bf16":
+        add("all_reduce", w, jnp.bfloat16, n)
+      elif name in ("int8", "qsgd", "terngrad"):
+        add("all_reduce", (), jnp.float32, n)  # Shared scale (pmax).
+        if self.qsgd_gathers:
+          add("all_gather", (leaf.size,), _int_dtype(cfg.levels), n)
+        else:
+          add("all_reduce", w, jnp.int8, n)
+      elif name == "randomk":
+        add("all_reduce", (leaf.k,), jnp.float32, n)
+      elif name == "topk":
+        add("all_gather", (leaf.k,), jnp.int32, n)
+        add("all_gather", (leaf.k,), jnp.float32, n)
+      elif name == "sign":
+        add("all_gather", (leaf.size,), jnp.int8, n)
+        add("all_gather", (1,), jnp.float32, n)
+      elif name == "sign_mv":
+        add("all_reduce", (leaf.size,), jnp.int8, n)
+        add("all_reduce", (), jnp.float32, n)
+      elif name == "powersgd":
+        add("all_reduce", (w[0], leaf.rank), jnp.float32, n)
+        add("all_reduce", (w[1], leaf.rank), jnp.float32, n)
+      if cfg.hierarchical:
+        add("all_gather", w, jnp.float32, inner)
+    if any(self._has_ef(leaf) for leaf in leaves):
+      add("all_reduce", (), jnp.float32, self.n)  # comm/ef_norm
+    return out
+
+  def wire_bytes(self, params) -> int:
+    """Bytes each device sends per call (ring model, after `start_iter`)."""
+    return hlo.total_bytes(self.wire_bytes_breakdown(params))

@@ -21,6 +21,8 @@ seconds (tests). The result is a HF folder <workdir>/hf.
 
 import ml_collections
 
+from jaxlib_models.core.trainer import parallel_defaults
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -31,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = dict(num_steps=120, batch_size=16, learning_rate=3e-5,
                  optimizer="adam", grad_clip=1.0, log_every=10,
                  checkpoint_every=60, keep_checkpoints=1,
-                 async_checkpoint=False, mesh={"data": -1})
+                 async_checkpoint=False, **parallel_defaults())
   arg = arg or "fold0"
   if arg.startswith("fold"):
     c.data.train_fold = int(arg[4:])

@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(seq_len=128, seed=0, corpus_root="", max_bytes=0)
   c.train = dict(num_steps=600, batch_size=32, learning_rate=3e-3,
                  optimizer="adamw", weight_decay=0.0, grad_clip=1.0,
-                 log_every=50, checkpoint_every=200, **parallel_defaults())
+                 log_every=50, checkpoint_every=200, progress=True,
+                 **parallel_defaults())
   if arg == "tiny":
     c.model = dict(hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=2, num_kv_heads=1, tie_word_embeddings=True)

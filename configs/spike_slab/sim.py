@@ -14,6 +14,8 @@ tiny: p = 50, n_train = 512, 20-20 hidden, 60 steps; seconds (smoke test).
 
 import ml_collections
 
+from jaxlib_models.core.trainer import parallel_defaults
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -35,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=0, log_every=100, checkpoint_every=1000, keep_checkpoints=2,
       async_checkpoint=True, progress=True, console=True, grad_clip=0.0,
       optimizer="adam", weight_decay=0.0,
-      mesh=dict(data=-1, fsdp=1, tensor=1),
+      **parallel_defaults(),
   )
   c.prune = dict(threshold=0.5, finetune_steps=0)
   if arg == "tiny":

@@ -47,6 +47,7 @@ with EF, one f32 all-reduce for the "comm/ef_norm" stat).
 """
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -90,6 +91,12 @@ class CommConfig:
   scale_randomk: bool = False  # Scale randomk by d/k (unbiased, no EF).
   levels: int = 4  # QSGD levels s.
   rank: int = 4  # PowerSGD rank r (capped per tensor by its shape).
+  # How PowerSGD views a tensor with ndim >= 3 as matrices. "batched": the
+  # last two dims are the matrix, leading dims a batch of independent
+  # matrices with rank r each (right for scanned layer stacks (L, in, out) and
+  # Flax kernels). "flat": one (shape[0], rest) matrix (PyTorch's view, for
+  # (out, in, kh, kw) convolutions). Hierarchical sync always uses "flat".
+  powersgd_view: str = "batched"
   # Steps with the exact mean before compression starts (PowerSGD's
   # start_powerSGD_iter, applied to every compressor).
   start_iter: int = 0
@@ -110,6 +117,9 @@ class CommConfig:
       raise ValueError(f"comm.levels={self.levels} must be >= 1")
     if self.rank < 1:
       raise ValueError(f"comm.rank={self.rank} must be >= 1")
+    if self.powersgd_view not in ("batched", "flat"):
+      raise ValueError(f"comm.powersgd_view={self.powersgd_view!r}: choose"
+                       " 'batched' or 'flat'")
     if self.start_iter < 0:
       raise ValueError(f"comm.start_iter={self.start_iter} must be >= 0")
     if self.min_size < 0:
@@ -194,8 +204,9 @@ def powersgd_round(m_MN, q_NR, axes, eps: float):
   """One PowerSGD step on this device's matrix (arXiv 1905.13727, Alg. 1).
 
   Args:
-    m_MN: this device's matrix (gradient plus residual).
-    q_NR: the shared warm-start Q.
+    m_MN: this device's matrix (gradient plus residual), or a batch of them
+      (B, M, N), each with its own rank-R factors.
+    q_NR: the shared warm-start Q, (N, R) or (B, N, R).
     axes: mesh axes to average over.
     eps: orthogonalisation epsilon.
 
@@ -203,12 +214,17 @@ def powersgd_round(m_MN, q_NR, axes, eps: float):
     (g_hat_MN, q_NR): the shared rank-R estimate of the mean of m_MN, and the
     averaged Q for the next step.
   """
-  p_MR = jax.lax.pmean(jnp.dot(m_MN, q_NR, precision=_HIGHEST), axes)
-  p_MR = orthonormalize(p_MR, eps)
-  q_new_NR = jax.lax.pmean(jnp.dot(m_MN.T, p_MR, precision=_HIGHEST), axes)
-  g_MN = jnp.dot(p_MR, q_new_NR.T, precision=_HIGHEST)
+  p_MR = jax.lax.pmean(jnp.einsum("...mn,...nr->...mr", m_MN, q_NR,
+                                  precision=_HIGHEST), axes)
+  ortho = functools.partial(orthonormalize, eps=eps)
+  for _ in range(p_MR.ndim - 2):
+    ortho = jax.vmap(ortho)
+  p_MR = ortho(p_MR)
+  q_new_NR = jax.lax.pmean(jnp.einsum("...mn,...mr->...nr", m_MN, p_MR,
+                                      precision=_HIGHEST), axes)
+  g_MN = jnp.einsum("...mr,...nr->...mn", p_MR, q_new_NR, precision=_HIGHEST)
   # A zero column (e.g. an all-zero gradient) would stay zero for ever.
-  alive_R = jnp.sum(q_new_NR * q_new_NR, axis=0) > 0
+  alive_R = jnp.sum(q_new_NR * q_new_NR, axis=-2, keepdims=True) > 0
   return g_MN, jnp.where(alive_R, q_new_NR, q_NR)
 
 
@@ -289,10 +305,13 @@ class Communicator:
         pad = -d % inner
         work = ((d + pad) // inner,)
       elif cfg.name == "powersgd" and compress:
-        work = _matrix(shape)
+        if len(shape) >= 3 and cfg.powersgd_view == "batched":
+          work = (math.prod(shape[:-2]),) + shape[-2:]
+        else:
+          work = _matrix(shape)
       rank = k = 0
       if compress and cfg.name == "powersgd":
-        m, c = work
+        m, c = work[-2:]
         rank = min(cfg.rank, m, c)
         compress = rank * (m + c) < m * c
         rank = rank if compress else 0
@@ -326,7 +345,8 @@ class Communicator:
         ef[leaf.name] = jnp.zeros((self.n,) + leaf.work, jnp.float32)
       if leaf.rank:
         key = jax.random.fold_in(jax.random.key(_Q_SEED), i)
-        q0 = jax.random.normal(key, (leaf.work[1], leaf.rank), jnp.float32)
+        q0 = jax.random.normal(key, leaf.work[:-2] + (leaf.work[-1], leaf.rank),
+                               jnp.float32)
         if self.cfg.hierarchical:
           q0 = jnp.broadcast_to(q0, (self.n,) + q0.shape)
         q[leaf.name] = q0
@@ -566,8 +586,8 @@ class Communicator:
         add("all_reduce", (leaf.size,), jnp.int8, n)
         add("all_reduce", (), jnp.float32, n)
       elif name == "powersgd":
-        add("all_reduce", (w[0], leaf.rank), jnp.float32, n)
-        add("all_reduce", (w[1], leaf.rank), jnp.float32, n)
+        add("all_reduce", w[:-1] + (leaf.rank,), jnp.float32, n)
+        add("all_reduce", w[:-2] + (w[-1], leaf.rank), jnp.float32, n)
       if cfg.hierarchical:
         add("all_gather", w, jnp.float32, inner)
     if any(self._has_ef(leaf) for leaf in leaves):

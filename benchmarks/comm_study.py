@@ -1,0 +1,243 @@
+r"""Convergence study: every gradient communicator and DiLoCo on one small LM.
+
+A byte-level Llama (configs/lm/pretrain.py with the sizes below) trained on
+the Python standard library's source on 8 simulated CPU devices, once per
+variant, with the same data order, seed and optimizer (AdamW, lr 3e-3, clip
+1). Each run's held-out loss (files never trained on) and the bytes its
+gradient sync sends are collected into a table and a plot.
+
+  .venv/bin/python benchmarks/comm_study.py                 # ~45 min, 2 cores
+  .venv/bin/python benchmarks/comm_study.py --steps 60 --variants none,topk
+  .venv/bin/python benchmarks/comm_study.py --report-only   # table + plot again
+
+Runs live in `--workdir/<variant>/` and resume after a kill (finished ones are
+skipped). Outputs: `<out>.json`, `<out>.md`, `<out>.png` (default
+benchmarks/comm_study.*).
+
+Two byte counts per optimizer step, per device, from the communicator's own
+account of its collectives (the same account the tests check against the
+lowered program):
+  payload: the message each device contributes (sum of collective operand
+    bytes), the count compression papers report;
+  ring: what each device sends under the ring model (all-reduce 2(n-1)/n x
+    operand, all-gather (n-1) x operand). All-gather based compressors
+    (top-k, sign) grow with n here, all-reduce based ones do not.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name -> (label, train-config overrides)
+VARIANTS = {
+    "none": ("exact mean (fp32 all-reduce)", {}),
+    "bf16": ("bf16 all-reduce", {"comm": {"name": "bf16"}}),
+    "int8": ("int8 (shared scale)", {"comm": {"name": "int8"}}),
+    "qsgd": ("QSGD s=4", {"comm": {"name": "qsgd", "levels": 4}}),
+    "terngrad": ("TernGrad", {"comm": {"name": "terngrad"}}),
+    "randomk": ("random-k 1% + EF", {"comm": {"name": "randomk", "ratio": 0.01}}),
+    "topk": ("top-k 1% + EF", {"comm": {"name": "topk", "ratio": 0.01}}),
+    "sign_mv": ("sign, majority vote + EF", {"comm": {"name": "sign_mv"}}),
+    "powersgd": ("PowerSGD r=4 + EF", {"comm": {"name": "powersgd", "rank": 4}}),
+    "diloco": ("DiLoCo H=20 (Nesterov outer)",
+               {"diloco": {"sync_every": 20},
+                "mesh": {"node": 8, "data": 1}}),
+}
+GOALS = {"powersgd": ("bytes", 30.0), "topk": ("bytes", 30.0),
+         "diloco": ("syncs", 20.0)}
+
+
+def make_config(steps: int, overrides: dict):
+  from configs.lm import pretrain as lm_config
+
+  c = lm_config.get_config()
+  c.model.hidden_size = 256
+  c.model.intermediate_size = 768
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.train.batch_size = 32
+  c.train.num_steps = steps
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  c.train.progress = False
+  c.train.console = False
+  c.train.mesh.node = 1
+  c.train.mesh.data = 8
+  for key, val in overrides.items():
+    for k, v in val.items():
+      c.train[key][k] = v
+  return c
+
+
+def byte_counts(config) -> dict:
+  """Payload and ring bytes per optimizer step, and syncs per step."""
+  import jax
+
+  from jaxlib_models.core import mesh as mesh_lib
+  from jaxlib_models.core import trainer
+  from jaxlib_models.lm import pretrain
+  from jaxlib_models.parallel import comm as comm_lib
+
+  tc = trainer.TrainConfig.from_dict(config.train.to_dict())
+  cfg = pretrain.model_config({**config.model.to_dict(),
+                               "seq_len": config.data.seq_len})
+  task = pretrain.make_task(cfg, tc, seq_len=config.data.seq_len,
+                            max_bytes=4096, seed=0)
+  abstract = jax.eval_shape(lambda: task.init_params(jax.random.key(0)))
+  mesh = mesh_lib.make_mesh(dict(tc.mesh))
+  par = trainer.plan_parallel(tc, mesh)
+  comm = par.communicator or comm_lib.Communicator(
+      comm_lib.CommConfig(), ("data",), {"data": par.devices})
+  colls = [c for c in comm.wire_bytes_breakdown(abstract) if c.group_size > 1]
+  per = 1.0 / tc.diloco.sync_every if tc.diloco.enabled else 1.0
+  return {
+      "payload_per_step": sum(c.operand_bytes for c in colls) * per,
+      "ring_per_step": sum(c.bytes_on_wire for c in colls) * per,
+      "syncs_per_step": per,
+      "params": sum(x.size for x in jax.tree.leaves(abstract)),
+  }
+
+
+def run_variant(name: str, steps: int, workdir: str) -> dict:
+  from jaxlib_models.core import metrics as metrics_lib
+  from jaxlib_models.lm import entry
+
+  label, overrides = VARIANTS[name]
+  wd = os.path.join(workdir, name)
+  done = os.path.join(wd, "study.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      r = json.load(f)
+    if r["steps"] == steps:
+      print(f"{name}: done before (held-out loss {r['val_loss']:.4f})")
+      return r
+  config = make_config(steps, overrides)
+  t0 = time.time()
+  res = entry.train_main(config, wd)
+  seconds = time.time() - t0
+  curve = [(m["step"], m["loss"]) for m in metrics_lib.read_metrics(wd)
+           if "loss" in m]
+  r = {"name": name, "label": label, "steps": steps,
+       "val_loss": res["val_loss"], "seconds": seconds,
+       "train_curve": curve, **byte_counts(config)}
+  from jaxlib_models.core import io
+  io.write_json(done, r)
+  print(f"{name}: held-out loss {r['val_loss']:.4f}, {seconds:.0f} s", flush=True)
+  return r
+
+
+def report(results: list[dict], out: str, steps: int) -> None:
+  from jaxlib_models.core import io
+
+  base = next((r for r in results if r["name"] == "none"), None)
+  lines = [
+      f"| variant | held-out loss (nats/byte) | vs exact | payload B/step |"
+      f" fewer payload bytes | ring B/step | fewer ring bytes | syncs |"
+      f" goal |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+  rows = []
+  for r in results:
+    rel = (r["val_loss"] / base["val_loss"] - 1) if base else float("nan")
+    fp = base["payload_per_step"] / r["payload_per_step"] if base else float("nan")
+    fr = base["ring_per_step"] / r["ring_per_step"] if base else float("nan")
+    syncs = round(r["syncs_per_step"] * r["steps"])
+    goal = ""
+    if r["name"] in GOALS and base:
+      kind, need = GOALS[r["name"]]
+      fewer = fp if kind == "bytes" else base["syncs_per_step"] / r["syncs_per_step"]
+      ok = rel <= 0.03 and fewer >= need
+      goal = (f"{'met' if ok else 'NOT met'} (<= 3% and >= {need:.0f}x"
+              f" fewer {'payload bytes' if kind == 'bytes' else 'syncs'})")
+    rows.append({**{k: v for k, v in r.items() if k != "train_curve"},
+                 "rel_loss": rel, "fewer_payload": fp, "fewer_ring": fr,
+                 "syncs": syncs, "goal": goal})
+    lines.append(
+        f"| {r['label']} | {r['val_loss']:.4f} | {rel * 100:+.2f}% |"
+        f" {r['payload_per_step']:,.0f} | {fp:.1f}x | {r['ring_per_step']:,.0f} |"
+        f" {fr:.1f}x | {syncs} | {goal} |")
+  table = "\n".join(lines)
+  print(table)
+  io.write_text(out + ".md", table + "\n")
+  io.write_json(out + ".json", {"steps": steps, "rows": rows})
+  _plot(results, out + ".png")
+  print(f"wrote {out}.md, {out}.json, {out}.png")
+
+
+def _plot(results, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  from jaxlib_models.core import io
+
+  fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for r in results:
+    total = r["payload_per_step"] * r["steps"]
+    a.scatter(total, r["val_loss"], s=30)
+    a.annotate(r["name"], (total, r["val_loss"]), fontsize=8,
+               xytext=(4, 3), textcoords="offset points")
+    steps, loss = zip(*r["train_curve"]) if r["train_curve"] else ((), ())
+    b.plot(steps, loss, label=r["name"], lw=1)
+  base = next((r for r in results if r["name"] == "none"), None)
+  if base:
+    a.axhline(base["val_loss"] * 1.03, ls="--", c="gray", lw=0.8)
+    a.text(a.get_xlim()[0], base["val_loss"] * 1.03, " exact + 3%",
+           fontsize=7, va="bottom", color="gray")
+  a.set_xscale("log")
+  a.set_xlabel("gradient payload bytes per device, whole run (log)")
+  a.set_ylabel("held-out loss (nats/byte)")
+  a.set_title("final loss against bytes sent")
+  b.set_xlabel("step")
+  b.set_ylabel("training loss")
+  b.set_title("training curves")
+  b.set_yscale("log")
+  b.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  io.save_figure(fig, path)
+  plt.close(fig)
+  del np
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+  ap.add_argument("--variants", default=",".join(VARIANTS),
+                  help=f"comma-separated subset of {','.join(VARIANTS)}")
+  ap.add_argument("--workdir", default="runs/comm_study",
+                  help="one resumable run folder per variant")
+  ap.add_argument("--out", default="benchmarks/comm_study",
+                  help="prefix of the .md/.json/.png outputs")
+  ap.add_argument("--report-only", action="store_true",
+                  help="rebuild the table and plot from finished runs")
+  args = ap.parse_args(argv)
+  names = [v.strip() for v in args.variants.split(",") if v.strip()]
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+  import jax
+  if jax.device_count() < 8:
+    ap.error(f"needs 8 devices, found {jax.device_count()}; run with"
+             " XLA_FLAGS=--xla_force_host_platform_device_count=8 unset"
+             " or on 8 real devices")
+  results = []
+  for n in names:
+    if args.report_only:
+      p = os.path.join(args.workdir, n, "study.json")
+      if os.path.exists(p):
+        with open(p) as f:
+          results.append(json.load(f))
+      continue
+    results.append(run_variant(n, args.steps, args.workdir))
+  report(results, args.out, args.steps)
+
+
+if __name__ == "__main__":
+  main()

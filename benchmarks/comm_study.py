@@ -52,7 +52,7 @@ GOALS = {"powersgd": ("bytes", 30.0), "topk": ("bytes", 30.0),
          "diloco": ("syncs", 20.0)}
 
 
-def make_config(steps: int, overrides: dict):
+def make_config(steps: int, overrides: dict, train_set: dict | None = None):
   from configs.lm import pretrain as lm_config
 
   c = lm_config.get_config()
@@ -69,6 +69,8 @@ def make_config(steps: int, overrides: dict):
   c.train.console = False
   c.train.mesh.node = 1
   c.train.mesh.data = 8
+  for k, v in (train_set or {}).items():
+    c.train[k] = v
   for key, val in overrides.items():
     for k, v in val.items():
       c.train[key][k] = v
@@ -104,7 +106,8 @@ def byte_counts(config) -> dict:
   }
 
 
-def run_variant(name: str, steps: int, workdir: str) -> dict:
+def run_variant(name: str, steps: int, workdir: str,
+                train_set: dict | None = None) -> dict:
   from jaxlib_models.core import metrics as metrics_lib
   from jaxlib_models.lm import entry
 
@@ -114,10 +117,10 @@ def run_variant(name: str, steps: int, workdir: str) -> dict:
   if os.path.exists(done):
     with open(done) as f:
       r = json.load(f)
-    if r["steps"] == steps:
+    if r["steps"] == steps and r.get("train_set", {}) == (train_set or {}):
       print(f"{name}: done before (held-out loss {r['val_loss']:.4f})")
       return r
-  config = make_config(steps, overrides)
+  config = make_config(steps, overrides, train_set)
   t0 = time.time()
   res = entry.train_main(config, wd)
   seconds = time.time() - t0
@@ -125,7 +128,8 @@ def run_variant(name: str, steps: int, workdir: str) -> dict:
            if "loss" in m]
   r = {"name": name, "label": label, "steps": steps,
        "val_loss": res["val_loss"], "seconds": seconds,
-       "train_curve": curve, **byte_counts(config)}
+       "train_set": train_set or {}, "train_curve": curve,
+       **byte_counts(config)}
   from jaxlib_models.core import io
   io.write_json(done, r)
   print(f"{name}: held-out loss {r['val_loss']:.4f}, {seconds:.0f} s", flush=True)
@@ -215,6 +219,9 @@ def main(argv=None):
                   help="one resumable run folder per variant")
   ap.add_argument("--out", default="benchmarks/comm_study",
                   help="prefix of the .md/.json/.png outputs")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="train setting for every variant, e.g. --set"
+                  " optimizer=sgd --set momentum=0.9 (values parsed as JSON)")
   ap.add_argument("--report-only", action="store_true",
                   help="rebuild the table and plot from finished runs")
   args = ap.parse_args(argv)
@@ -227,6 +234,13 @@ def main(argv=None):
     ap.error(f"needs 8 devices, found {jax.device_count()}; run with"
              " XLA_FLAGS=--xla_force_host_platform_device_count=8 unset"
              " or on 8 real devices")
+  train_set = {}
+  for kv in args.set:
+    k, _, v = kv.partition("=")
+    try:
+      train_set[k] = json.loads(v)
+    except json.JSONDecodeError:
+      train_set[k] = v
   results = []
   for n in names:
     if args.report_only:
@@ -235,7 +249,7 @@ def main(argv=None):
         with open(p) as f:
           results.append(json.load(f))
       continue
-    results.append(run_variant(n, args.steps, args.workdir))
+    results.append(run_variant(n, args.steps, args.workdir, train_set))
   report(results, args.out, args.steps)
 
 

@@ -42,6 +42,13 @@ class TrainConfig:
   batch_size: int = 128  # Global batch, split over the data and fsdp axes.
   learning_rate: float = 1e-3
   optimizer: str = "adam"  # adam | adamw | sgd
+  momentum: float = 0.0  # sgd only; 0 = plain SGD.
+  nesterov: bool = False  # sgd with momentum only.
+  # Learning-rate schedule: "constant", or "cosine" (linear warmup over
+  # warmup_steps, then cosine decay to lr * final_lr_frac at num_steps).
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  final_lr_frac: float = 0.1
   weight_decay: float = 0.0  # adamw only.
   grad_clip: float = 0.0  # Global-norm clipping; 0 disables.
   accum_steps: int = 1  # Microbatches per step; gradients synced once.
@@ -77,6 +84,14 @@ class TrainConfig:
           (k, tuple(v) if isinstance(v, list) else v)
           for k, v in (self.rules.items() if isinstance(self.rules, Mapping)
                        else self.rules)))
+      for name, axes in self.rules:
+        flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        bad = [a for a in flat if a not in mesh_lib.MESH_AXES]
+        if bad:
+          raise ValueError(
+              f"train.rules: logical axis {name!r} maps to unknown mesh axes"
+              f" {bad}; mesh axes are {mesh_lib.MESH_AXES} (or None to"
+              " replicate)")
     if self.diloco.enabled and self.comm.name != "none":
       raise ValueError(
           f"comm.name={self.comm.name!r} with diloco.sync_every>0: DiLoCo syncs"
@@ -94,6 +109,13 @@ class TrainConfig:
       raise ValueError(f"{self.learning_rate=} must be > 0")
     if self.optimizer not in ("adam", "adamw", "sgd"):
       raise ValueError(f"{self.optimizer=}: choose adam, adamw or sgd")
+    if self.lr_schedule not in ("constant", "cosine"):
+      raise ValueError(f"{self.lr_schedule=}: choose constant or cosine")
+    if self.warmup_steps < 0 or not 0 <= self.final_lr_frac <= 1:
+      raise ValueError(f"{self.warmup_steps=} must be >= 0 and"
+                       f" {self.final_lr_frac=} in [0, 1]")
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"{self.momentum=} must be in [0, 1)")
 
   @classmethod
   def from_dict(cls, d) -> "TrainConfig":
@@ -157,12 +179,20 @@ def parallel_defaults() -> dict:
 def make_optimizer(
     tc: TrainConfig, lr_scales=None
 ) -> optax.GradientTransformation:
+  lr = tc.learning_rate
+  if tc.lr_schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0 if tc.warmup_steps else tc.learning_rate, tc.learning_rate,
+        tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
+        end_value=tc.learning_rate * tc.final_lr_frac)
+  elif tc.warmup_steps:
+    lr = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
   if tc.optimizer == "adam":
-    opt = optax.adam(tc.learning_rate)
+    opt = optax.adam(lr)
   elif tc.optimizer == "adamw":
-    opt = optax.adamw(tc.learning_rate, weight_decay=tc.weight_decay)
+    opt = optax.adamw(lr, weight_decay=tc.weight_decay)
   else:
-    opt = optax.sgd(tc.learning_rate)
+    opt = optax.sgd(lr, momentum=tc.momentum or None, nesterov=tc.nesterov)
   if tc.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt)
   if lr_scales is not None:
@@ -261,6 +291,16 @@ def plan_parallel(tc: TrainConfig, mesh, lr_scales=None) -> Parallel:
 
   opt = make_optimizer(tc, lr_scales)
   shape = dict(mesh.shape)
+  n_batch = math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES)
+  micro = tc.batch_size // tc.accum_steps
+  if micro % n_batch:
+    sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_lib.BATCH_AXES)
+    raise ValueError(
+        f"train.batch_size={tc.batch_size} (microbatch {micro} with"
+        f" accum_steps={tc.accum_steps}) does not split over the {n_batch}"
+        f" batch-parallel devices ({sizes}); use a microbatch that is a"
+        f" multiple of {n_batch}, e.g. batch_size="
+        f"{max(1, round(micro / n_batch)) * n_batch * tc.accum_steps}")
   if tc.diloco.enabled:
     steps_lib.diloco_check_mesh(mesh)
     outer = comm_lib.Communicator(tc.diloco.outer_comm, ("node",), shape)

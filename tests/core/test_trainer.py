@@ -5,6 +5,7 @@ import re
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -138,3 +139,32 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_missing_checkpoint_for_eval(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint"):
     trainer.restore_params(toy.make_task(), str(tmp_path / "empty"))
+
+
+def test_cosine_schedule_and_sgd_momentum():
+  """sgd on a constant unit gradient: each update is -lr(t); warmup from 0
+  to the peak, cosine to final_lr_frac x peak at num_steps; momentum 0.5
+  sums lr(t) x (1 + 0.5 + 0.25 ...)."""
+  from jaxlib_models.core import trainer as tr
+
+  tc = tr.TrainConfig(optimizer="sgd", learning_rate=1.0, num_steps=10,
+                      lr_schedule="cosine", warmup_steps=2, final_lr_frac=0.1)
+  tx = tr.make_optimizer(tc)
+  p = jnp.zeros(())
+  state = tx.init(p)
+  lrs = []
+  for _ in range(11):
+    u, state = tx.update(jnp.ones(()), state, p)
+    lrs.append(-float(u))
+  np.testing.assert_allclose(lrs[:3], [0.0, 0.5, 1.0], atol=1e-6)
+  np.testing.assert_allclose(lrs[10], 0.1, atol=1e-6)
+  assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+  tx = tr.make_optimizer(tr.TrainConfig(optimizer="sgd", learning_rate=1.0,
+                                        momentum=0.5))
+  state = tx.init(p)
+  got = [-float(tx.update(jnp.ones(()), state, p)[0])]
+  u, state = tx.update(jnp.ones(()), state, p)
+  got.append(-float(tx.update(jnp.ones(()), state, p)[0]))
+  np.testing.assert_allclose(got, [1.0, 1.5], atol=1e-6)
+  with pytest.raises(ValueError, match="lr_schedule"):
+    tr.TrainConfig(lr_schedule="linear")

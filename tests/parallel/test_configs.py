@@ -61,3 +61,39 @@ def test_unknown_communicator_on_the_command_line_names_the_choices(tmp_path):
     cli.run("python -m train", "", "train_main",
             ["--config=configs/lm/pretrain.py:tiny",
              f"--workdir={tmp_path}", "--config.train.comm.name=fp8"])
+
+
+def _train(tmp_path, *overrides):
+  return cli.run("python -m train", "", "train_main",
+                 ["--config=configs/lm/pretrain.py:tiny",
+                  f"--workdir={tmp_path}", "--config.train.progress=False",
+                  *overrides])
+
+
+def test_batch_that_does_not_split_over_the_data_axis_names_the_numbers(tmp_path):
+  with pytest.raises(ValueError, match=r"batch_size=12 .*microbatch 12.*8"
+                     r" batch-parallel devices \(node=1 x data=8 x fsdp=1\)"):
+    _train(tmp_path, "--config.train.batch_size=12",
+           "--config.train.mesh.data=8")
+
+
+def test_mesh_that_does_not_match_the_device_count_names_the_numbers(tmp_path):
+  with pytest.raises(ValueError, match="needs 6 devices, 8 are available"):
+    _train(tmp_path, "--config.train.mesh.data=3",
+           "--config.train.mesh.fsdp=2")
+  with pytest.raises(ValueError, match="8 devices are not divisible by"
+                     " the fixed axes' product 3"):
+    _train(tmp_path, "--config.train.mesh.tensor=3")
+
+
+def test_unknown_layout_names_are_errors(tmp_path):
+  from jaxlib_models.core import trainer
+
+  with pytest.raises(ValueError, match=r"unknown mesh axes \['model'\]"):
+    trainer.train(None, trainer.TrainConfig(mesh=(("model", 2),)),
+                  str(tmp_path))
+  with pytest.raises(ValueError, match="logical axis 'embed' maps to unknown"
+                     r" mesh axes \['fdsp'\]"):
+    trainer.TrainConfig(rules={"embed": "fdsp"})
+  with pytest.raises(ValueError, match="unknown train settings"):
+    trainer.TrainConfig.from_dict({"layout": "fsdp"})

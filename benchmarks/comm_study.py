@@ -1,12 +1,15 @@
 r"""Convergence study: every gradient communicator and DiLoCo on one small LM.
 
-A byte-level Llama (configs/lm/pretrain.py with the sizes below) trained on
+A byte-level Llama (configs/lm/pretrain.py with 2 layers, d=256, F=768, 4
+heads, 2 KV heads; 1.6 M parameters; batch 32 x 128 bytes) trained on
 the Python standard library's source on 8 simulated CPU devices, once per
-variant, with the same data order, seed and optimizer (AdamW, lr 3e-3, clip
-1). Each run's held-out loss (files never trained on) and the bytes its
+variant, with the same data order, seed and optimizer (`--preset`, gradient
+clipping at 1 on the synced mean). Each run's held-out loss (files never trained on) and the bytes its
 gradient sync sends are collected into a table and a plot.
 
-  .venv/bin/python benchmarks/comm_study.py                 # ~45 min, 2 cores
+  .venv/bin/python benchmarks/comm_study.py                 # ~30 min, 2 cores
+  .venv/bin/python benchmarks/comm_study.py --preset adamw \
+      --variants none,powersgd,topk,diloco
   .venv/bin/python benchmarks/comm_study.py --steps 60 --variants none,topk
   .venv/bin/python benchmarks/comm_study.py --report-only   # table + plot again
 
@@ -47,6 +50,15 @@ VARIANTS = {
     "diloco": ("DiLoCo H=20 (Nesterov outer)",
                {"diloco": {"sync_every": 20},
                 "mesh": {"node": 8, "data": 1}}),
+}
+# Optimizer settings shared by every variant of one study (train keys).
+PRESETS = {
+    # Nesterov momentum SGD, the optimizer error feedback is analysed for and
+    # PowerSGD / DGC were evaluated with; lr from a sweep (benchmarks/RESULTS.md).
+    "sgd": dict(optimizer="sgd", momentum=0.9, nesterov=True,
+                learning_rate=0.125, lr_schedule="cosine", warmup_steps=30),
+    # AdamW (configs/lm/pretrain.py: lr 3e-3), same schedule.
+    "adamw": dict(lr_schedule="cosine", warmup_steps=30),
 }
 GOALS = {"powersgd": ("bytes", 30.0), "topk": ("bytes", 30.0),
          "diloco": ("syncs", 20.0)}
@@ -114,12 +126,23 @@ def run_variant(name: str, steps: int, workdir: str,
   label, overrides = VARIANTS[name]
   wd = os.path.join(workdir, name)
   done = os.path.join(wd, "study.json")
+  settings = {"steps": steps, "train_set": train_set or {}}
+  marker = os.path.join(wd, "study_settings.json")
+  if os.path.exists(marker):
+    with open(marker) as f:
+      before = json.load(f)
+    if before != settings:
+      raise SystemExit(
+          f"{wd} holds a run with other settings ({before}, now {settings});"
+          " its checkpoints would be resumed: pass another --workdir or"
+          " delete that folder")
   if os.path.exists(done):
     with open(done) as f:
       r = json.load(f)
-    if r["steps"] == steps and r.get("train_set", {}) == (train_set or {}):
-      print(f"{name}: done before (held-out loss {r['val_loss']:.4f})")
-      return r
+    print(f"{name}: done before (held-out loss {r['val_loss']:.4f})")
+    return r
+  from jaxlib_models.core import io
+  io.write_json(marker, settings)
   config = make_config(steps, overrides, train_set)
   t0 = time.time()
   res = entry.train_main(config, wd)
@@ -130,7 +153,6 @@ def run_variant(name: str, steps: int, workdir: str,
        "val_loss": res["val_loss"], "seconds": seconds,
        "train_set": train_set or {}, "train_curve": curve,
        **byte_counts(config)}
-  from jaxlib_models.core import io
   io.write_json(done, r)
   print(f"{name}: held-out loss {r['val_loss']:.4f}, {seconds:.0f} s", flush=True)
   return r
@@ -212,13 +234,19 @@ def _plot(results, path):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+  ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+  ap.add_argument("--preset", choices=sorted(PRESETS), default="sgd",
+                  help="optimizer of every variant (default sgd: Nesterov"
+                  " momentum 0.9, lr 0.125, cosine; adamw: lr 3e-3, cosine)")
   ap.add_argument("--variants", default=",".join(VARIANTS),
                   help=f"comma-separated subset of {','.join(VARIANTS)}")
-  ap.add_argument("--workdir", default="runs/comm_study",
-                  help="one resumable run folder per variant")
-  ap.add_argument("--out", default="benchmarks/comm_study",
-                  help="prefix of the .md/.json/.png outputs")
+  ap.add_argument("--workdir", default=None,
+                  help="one resumable run folder per variant (default"
+                  " runs/comm_study_<preset>)")
+  ap.add_argument("--out", default=None,
+                  help="prefix of the .md/.json/.png outputs (default"
+                  " benchmarks/comm_study for sgd, benchmarks/comm_study_<preset>"
+                  " otherwise)")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="train setting for every variant, e.g. --set"
                   " optimizer=sgd --set momentum=0.9 (values parsed as JSON)")
@@ -234,7 +262,10 @@ def main(argv=None):
     ap.error(f"needs 8 devices, found {jax.device_count()}; run with"
              " XLA_FLAGS=--xla_force_host_platform_device_count=8 unset"
              " or on 8 real devices")
-  train_set = {}
+  args.workdir = args.workdir or f"runs/comm_study_{args.preset}"
+  args.out = args.out or ("benchmarks/comm_study" if args.preset == "sgd"
+                          else f"benchmarks/comm_study_{args.preset}")
+  train_set = dict(PRESETS[args.preset])
   for kv in args.set:
     k, _, v = kv.partition("=")
     try:

@@ -313,7 +313,8 @@ def plan_parallel(tc: TrainConfig, mesh, lr_scales=None) -> Parallel:
         zero1=False, devices=reps)
   n = math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES)
   comm = None
-  if tc.comm.name != "none" or tc.comm.hierarchical or tc.accum_steps > 1:
+  if (tc.comm.name != "none" or tc.comm.hierarchical or tc.accum_steps > 1
+      or tc.comm.clip_local > 0):
     if tc.comm.hierarchical:
       if mesh.shape["fsdp"] > 1:
         raise ValueError("comm.hierarchical syncs over (node, data); set mesh fsdp=1")

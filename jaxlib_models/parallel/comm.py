@@ -104,6 +104,11 @@ class CommConfig:
   # exactly.
   min_size: int = 0
   orth_eps: float = 1e-8  # Added to column norms in PowerSGD's Gram-Schmidt.
+  # Clip each device's local gradient to this global norm before error
+  # feedback and compression (DGC's local clipping); 0 = off. Clipping the
+  # synced mean instead (train.grad_clip) drops what it cuts from an
+  # error-feedback message although the residual counts it as sent.
+  clip_local: float = 0.0
   # Two axes (outer/slow, inner/fast): reduce-scatter over inner, compressed
   # mean over outer on the shard, all-gather over inner.
   hierarchical: bool = False
@@ -120,6 +125,8 @@ class CommConfig:
     if self.powersgd_view not in ("batched", "flat"):
       raise ValueError(f"comm.powersgd_view={self.powersgd_view!r}: choose"
                        " 'batched' or 'flat'")
+    if self.clip_local < 0:
+      raise ValueError(f"comm.clip_local={self.clip_local} must be >= 0")
     if self.start_iter < 0:
       raise ValueError(f"comm.start_iter={self.start_iter} must be >= 0")
     if self.min_size < 0:
@@ -382,6 +389,13 @@ class Communicator:
     cfg = self.cfg
     leaves, treedef = self._plan(grads)
     g_leaves = treedef.flatten_up_to(grads)
+    stats = {}
+    if cfg.clip_local > 0:
+      norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                          for g in g_leaves))
+      scale = jnp.minimum(1.0, cfg.clip_local / jnp.maximum(norm, 1e-30))
+      g_leaves = [(g * scale).astype(g.dtype) for g in g_leaves]
+      stats["comm/local_norm"] = jax.lax.pmean(norm, self.axis_names)
     step = state["step"]
     ef = {k: v[0] for k, v in state["ef"].items()}
     q = state["q"]
@@ -397,7 +411,6 @@ class Communicator:
           lambda ops: self._all(leaves, *ops, compressed=True),
           lambda ops: self._all(leaves, *ops, compressed=False),
           operands)
-    stats = {}
     if cfg.name != "none":
       stats["comm/compressing"] = (step >= cfg.start_iter).astype(jnp.float32)
     if ef:
@@ -475,7 +488,9 @@ class Communicator:
     flat = p.reshape(-1)
     d = flat.size
     if name == "randomk":
-      idx = jax.random.choice(k_shared, d, (leaf.k,), replace=False)
+      # A uniform k-subset: the k largest of d uniforms (40x faster on CPU
+      # than random.choice(replace=False), which permutes all d).
+      _, idx = jax.lax.top_k(jax.random.uniform(k_shared, (d,)), leaf.k)
       vals = flat[idx]
       scale = d / leaf.k if cfg.scale_randomk else 1.0
       total = jax.lax.psum(vals, axes)

@@ -620,3 +620,29 @@ def test_convergence_within_tolerance_of_uncompressed():
   for name in ("topk", "powersgd"):
     cfg = comm.CommConfig(name=name, ratio=0.05, rank=2, error_feedback=False)
     assert _regression_loss(cfg, 0.05) / ref - 1 > 0.2
+
+
+def test_clip_local_clips_each_device_before_error_feedback():
+  """clip_local=c: the exact mean is the mean of the per-device clipped
+  gradients, and a top-k residual is clipped gradient minus what was sent
+  (so nothing clipped is remembered as sent)."""
+  grads = _grads(w=(64, 32), b=(30,))
+  c = 5.0
+  norms = np.sqrt(sum(np.sum(np.asarray(v) ** 2, axis=tuple(range(1, v.ndim)))
+                      for v in grads.values()))
+  scale = np.minimum(1.0, c / norms)
+  assert (scale < 1).any() and (scale == 1).any() or (scale < 1).all()
+  clipped = {k: np.asarray(v) * scale.reshape((8,) + (1,) * (v.ndim - 1))
+             for k, v in grads.items()}
+  out = _run(comm.CommConfig(clip_local=c), grads)[0]
+  for k in grads:
+    np.testing.assert_allclose(out[k][0], clipped[k].mean(0), atol=1e-5)
+  cfg = comm.CommConfig(name="topk", ratio=0.1, clip_local=c)
+  out, state, stats = _run(cfg, grads)[:3]
+  np.testing.assert_allclose(stats["comm/local_norm"], norms.mean(), rtol=1e-5)
+  ef = next(iter(state["ef"].values()))
+  w = clipped["w"].reshape(8, -1)
+  sent = np.where(np.asarray(ef).reshape(8, -1) == 0, w, 0)
+  np.testing.assert_allclose(np.asarray(ef).reshape(8, -1) + sent, w,
+                             atol=1e-6)
+  assert np.count_nonzero(sent[0]) == round(0.1 * 64 * 32)

@@ -190,6 +190,17 @@ def test_slurm_job_nodelist_only_inside_a_step():
   assert launch.resolve_cluster(env).coordinator_address == "cn1:8476"
 
 
+def _changed(env, change):
+  """A copy of env with change applied (None removes the variable)."""
+  env = dict(env)
+  for k, v in change.items():
+    if v is None:
+      env.pop(k, None)
+    else:
+      env[k] = v
+  return env
+
+
 @pytest.mark.parametrize(
     "change, var",
     [
@@ -253,12 +264,7 @@ def test_slurm_job_nodelist_only_inside_a_step():
     ],
 )
 def test_slurm_bad_env_names_the_variable(change, var):
-  env = dict(SLURM)
-  for k, v in change.items():
-    if v is None:
-      env.pop(k, None)
-    else:
-      env[k] = v
+  env = _changed(SLURM, change)
   with pytest.raises(ValueError, match=var):
     launch.resolve_cluster(env)
 
@@ -320,12 +326,7 @@ def test_kubernetes_accepts_the_jax_aliases():
     ],
 )
 def test_kubernetes_bad_env_names_the_variable(change, var):
-  env = dict(K8S)
-  for k, v in change.items():
-    if v is None:
-      env.pop(k, None)
-    else:
-      env[k] = v
+  env = _changed(K8S, change)
   with pytest.raises(ValueError, match=var):
     launch.resolve_cluster(env)
 

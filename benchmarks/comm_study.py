@@ -118,9 +118,17 @@ def byte_counts(config) -> dict:
   }
 
 
+def _curve(wd: str) -> list:
+  from jaxlib_models.core import metrics as metrics_lib
+
+  if not os.path.exists(os.path.join(wd, "metrics.jsonl")):
+    return []
+  return [(m["step"], m["train/loss"]) for m in metrics_lib.read_metrics(wd)
+          if "train/loss" in m]
+
+
 def run_variant(name: str, steps: int, workdir: str,
                 train_set: dict | None = None) -> dict:
-  from jaxlib_models.core import metrics as metrics_lib
   from jaxlib_models.lm import entry
 
   label, overrides = VARIANTS[name]
@@ -140,15 +148,14 @@ def run_variant(name: str, steps: int, workdir: str,
     with open(done) as f:
       r = json.load(f)
     print(f"{name}: done before (held-out loss {r['val_loss']:.4f})")
-    return r
+    return {**r, "train_curve": _curve(wd) or r.get("train_curve", [])}
   from jaxlib_models.core import io
   io.write_json(marker, settings)
   config = make_config(steps, overrides, train_set)
   t0 = time.time()
   res = entry.train_main(config, wd)
   seconds = time.time() - t0
-  curve = [(m["step"], m["loss"]) for m in metrics_lib.read_metrics(wd)
-           if "loss" in m]
+  curve = _curve(wd)
   r = {"name": name, "label": label, "steps": steps,
        "val_loss": res["val_loss"], "seconds": seconds,
        "train_set": train_set or {}, "train_curve": curve,

@@ -38,7 +38,6 @@ nothing). Record the output in benchmarks/RESULTS.md.
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -170,9 +169,6 @@ def main():
   ap.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                   help="torch.set_num_threads (default os.cpu_count())")
   ap.add_argument("--json", metavar="OUT", help="also write results here")
-  ap.add_argument("--scan-unroll", type=int, default=1,
-                  help="LlamaConfig.scan_unroll for our model (1 = layer"
-                  " loop, 30 = straight-line SmolLM2)")
   ap.add_argument("--quick", action="store_true",
                   help="tiny shapes (1x32,2x16; decode 16+4 at batch 1,2;"
                        " 512 matmul; 2 reps): an end-to-end check only")
@@ -190,7 +186,6 @@ def main():
           " process is using the CPU, timings (torch's OpenMP threads above"
           " all) will be off")
   cfg, params, tok = registry.load("smollm2")
-  cfg = dataclasses.replace(cfg, scan_unroll=args.scan_unroll)
   with tempfile.TemporaryDirectory() as d:
     loaders.save_hf(d, cfg, params)
     hf = transformers.LlamaForCausalLM.from_pretrained(

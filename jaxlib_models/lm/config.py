@@ -60,9 +60,6 @@ class LlamaConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
   dtype: str = "float32"  # Compute dtype; log-softmax is always float32.
-  # Layers unrolled per iteration of the layer scan (1 = a loop; the layer
-  # count = straight-line code: faster on CPU, slower to compile).
-  scan_unroll: int = 1
 
   def __post_init__(self):
     if self.head_dim is None:

@@ -219,7 +219,6 @@ class LlamaModel(nn.Module):
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=c.num_hidden_layers,
-        unroll=max(1, min(c.scan_unroll, c.num_hidden_layers)),
     )(c, self.shared_prefix)
     self.norm = RMSNorm(c.rms_norm_eps, jnp.float32)
 

@@ -1,6 +1,5 @@
 """Flax Llama vs PyTorch transformers on tiny random configs, cache, exits."""
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -303,23 +302,3 @@ def test_decode_step_updates_the_donated_cache_in_place():
   assert mem.temp_size_in_bytes < kv_bytes / 2, (
       f"decode step needs {mem.temp_size_in_bytes} B of scratch for a"
       f" {kv_bytes} B cache: the cache is copied, not updated in place")
-
-
-def test_unrolled_layer_scan_equals_the_loop():
-  """scan_unroll only changes the compiled program: same parameters, same
-  logits, hidden states and cache as the one-layer-per-iteration loop."""
-  cfg = tiny(num_hidden_layers=3)
-  params = init_params(cfg, jax.random.key(0))
-  tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, 64)
-  ref = forward(params, cfg, tokens, cache=init_cache(cfg, 2, 12),
-                exit_layers=(1,), return_hidden=True)
-  for unroll in (2, 3):
-    ucfg = dataclasses.replace(cfg, scan_unroll=unroll)
-    assert jax.tree.structure(init_params(ucfg, jax.random.key(0))) == \
-        jax.tree.structure(params)
-    got = forward(params, ucfg, tokens, cache=init_cache(ucfg, 2, 12),
-                  exit_layers=(1,), return_hidden=True)
-    np.testing.assert_allclose(got.logits, ref.logits, atol=1e-5)
-    np.testing.assert_allclose(got.exits[1], ref.exits[1], atol=1e-5)
-    np.testing.assert_allclose(got.hidden, ref.hidden, atol=1e-5)
-    np.testing.assert_allclose(got.cache.k, ref.cache.k, atol=1e-5)

@@ -96,7 +96,6 @@ def byte_counts(config) -> dict:
   from jaxlib_models.core import mesh as mesh_lib
   from jaxlib_models.core import trainer
   from jaxlib_models.lm import pretrain
-  from jaxlib_models.parallel import comm as comm_lib
 
   tc = trainer.TrainConfig.from_dict(config.train.to_dict())
   cfg = pretrain.model_config({**config.model.to_dict(),
@@ -106,10 +105,9 @@ def byte_counts(config) -> dict:
   abstract = jax.eval_shape(lambda: task.init_params(jax.random.key(0)))
   mesh = mesh_lib.make_mesh(dict(tc.mesh))
   par = trainer.plan_parallel(tc, mesh)
-  comm = par.communicator or comm_lib.Communicator(
-      comm_lib.CommConfig(), ("data",), {"data": par.devices})
-  colls = [c for c in comm.wire_bytes_breakdown(abstract) if c.group_size > 1]
-  per = 1.0 / tc.diloco.sync_every if tc.diloco.enabled else 1.0
+  colls = [c for c in par.sync_communicator().wire_bytes_breakdown(abstract)
+           if c.group_size > 1]
+  per = par.syncs_per_step()
   return {
       "payload_per_step": sum(c.operand_bytes for c in colls) * per,
       "ring_per_step": sum(c.bytes_on_wire for c in colls) * per,

@@ -269,19 +269,23 @@ class Parallel:
   zero1: bool
   devices: int  # The device count that the comm state depends on.
 
-  def wire_bytes(self, abstract_params) -> int:
-    """Bytes each device sends per optimizer step (analytic ring model)."""
+  def sync_communicator(self):
+    """The communicator of the gradient (or DiLoCo outer) sync; for the plain
+    step, the exact mean XLA inserts, modelled over all batch devices."""
     from jaxlib_models.parallel import comm as comm_lib  # noqa: PLC0415
 
-    if self.diloco.enabled:
-      per_sync = self.communicator.wire_bytes(abstract_params)
-      return per_sync / self.diloco.sync_every
-    c = self.communicator
-    if c is None:
-      return 0 if self.devices == 1 else comm_lib.Communicator(
-          comm_lib.CommConfig(), ("data",), {"data": self.devices}
-      ).wire_bytes(abstract_params)
-    return c.wire_bytes(abstract_params)
+    return self.communicator or comm_lib.Communicator(
+        comm_lib.CommConfig(), ("data",), {"data": self.devices})
+
+  def syncs_per_step(self) -> float:
+    return 1.0 / self.diloco.sync_every if self.diloco.enabled else 1.0
+
+  def wire_bytes(self, abstract_params) -> int:
+    """Bytes each device sends per optimizer step (analytic ring model)."""
+    if self.devices == 1 and self.communicator is None:
+      return 0
+    return (self.sync_communicator().wire_bytes(abstract_params)
+            * self.syncs_per_step())
 
 
 def plan_parallel(tc: TrainConfig, mesh, lr_scales=None) -> Parallel:

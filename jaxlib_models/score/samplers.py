@@ -96,6 +96,12 @@ def time_grid(t0: float, T: float, steps: int, kind: str = "geometric"):
   return g
 
 
+def _normal(key, shape, dtype):
+  # Noise is drawn in float32 and cast, so float32 and float64 runs with one
+  # key share their noise exactly (precision checks, brief §8.11).
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
 def _step(method: str, y_MD, s_MD, tau, tau_next, xi_MD):
   delta = tau - tau_next
   if method == "em":
@@ -124,7 +130,7 @@ def integrate(score_fn: Callable, key, y_MD, grid, method: str = "em"):
 
   def body(y, inp):
     k, tau, tau_next = inp
-    xi = jax.random.normal(jax.random.fold_in(key, k), y.shape, y.dtype)
+    xi = _normal(jax.random.fold_in(key, k), y.shape, y.dtype)
     return _step(method, y, score_fn(y, tau), tau, tau_next, xi), None
 
   ks = jnp.arange(grid.shape[0] - 1)
@@ -147,7 +153,7 @@ def gumbel_index(key, y_MD, X_ND, t, *, block_k: int = 1024):
     diff = y_MD[:, None, :] - X_BD[None]
     logits = -jnp.sum(diff * diff, -1) / (2 * t)
     g = jax.random.gumbel(jax.random.fold_in(key, j), logits.shape,
-                          logits.dtype)
+                          jnp.float32).astype(logits.dtype)
     score = jnp.where(idx_B[None] < n, logits + g, -jnp.inf)
     blk_arg = jnp.argmax(score, axis=1)
     blk_best = jnp.take_along_axis(score, blk_arg[:, None], 1)[:, 0]
@@ -168,14 +174,14 @@ def bridge_sample(key, y_MD, X_ND, T, t0):
   Xi_MD = X_ND[i_M]
   mean = Xi_MD + (t0 / T) * (y_MD - Xi_MD)
   sd = jnp.sqrt(t0 * (T - t0) / T)
-  return mean + sd * jax.random.normal(k2, y_MD.shape, y_MD.dtype)
+  return mean + sd * _normal(k2, y_MD.shape, y_MD.dtype)
 
 
 def initial(key, num: int, X_ND, T, start: str):
   """N(0, T I) ('gaussian', the paper's start) or draws of p̂_T ('kde')."""
   d = X_ND.shape[1]
   k1, k2 = jax.random.split(key)
-  z = jax.random.normal(k1, (num, d), X_ND.dtype)
+  z = _normal(k1, (num, d), X_ND.dtype)
   if start == "gaussian":
     return jnp.sqrt(T) * z
   i = jax.random.randint(k2, (num,), 0, X_ND.shape[0])

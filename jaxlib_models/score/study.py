@@ -80,18 +80,20 @@ def run_e2(c) -> dict:
 
 
 def run_e3(c) -> dict:
-  """TV of the sampler's exact output (Gaussian KDE at t0) against n, 1-D."""
+  """TV of the sampler's exact output (Gaussian KDE at t0) against n."""
   out = {}
-  bar = _bar(len(c.targets) * len(c.ns), "E3 TV vs n")
-  for name in c.targets:
-    tg = targets.make(name, 1, c.beta)
-    per = []
-    for n in c.ns:
-      per.append([rates.tv_rate(tg, n, s, c.beta) for s in range(c.seeds)])
-      bar.update()
-    slope, ci = rates.bootstrap_slope(c.ns, per)
-    out[name] = dict(target=name, ns=list(c.ns), tv=per, slope=slope,
-                     ci=list(ci), theory=-c.beta / (2 * c.beta + 1))
+  bar = _bar(len(c.targets) * len(c.dims) * len(c.ns), "E3 TV vs n")
+  for d in c.dims:
+    for name in c.targets:
+      tg = targets.make(name, d, c.beta)
+      per = []
+      for n in c.ns:
+        per.append([rates.tv_rate(tg, n, s, c.beta) for s in range(c.seeds)])
+        bar.update()
+      slope, ci = rates.bootstrap_slope(c.ns, per)
+      key = name if d == 1 else f"{name}/d{d}"
+      out[key] = dict(target=name, d=d, ns=list(c.ns), tv=per, slope=slope,
+                      ci=list(ci), theory=-c.beta / (2 * c.beta + d))
   bar.close()
   return out
 

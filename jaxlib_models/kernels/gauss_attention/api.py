@@ -95,7 +95,9 @@ def gauss_attention(x_MD, X_ND, t, *,
     t: noise variance, a scalar > 0.
     implementation: a name or an ordered list of names (module docstring).
     block_sizes: `BlockSizes` (xla) or `PallasBlockSizes` (pallas).
-    distance: "auto" (direct differences for D <= 32), "direct", "expanded".
+    distance: "auto" (direct differences in float64 with D <= 32, else the
+      centred expanded form; see reference._resolve_distance), "direct",
+      "expanded".
     interpret: run the Pallas kernel in interpret mode (CPU tests).
 
   Returns:
@@ -113,9 +115,8 @@ def gauss_attention(x_MD, X_ND, t, *,
     order = tuple(implementation)
   xla_bs = block_sizes if isinstance(block_sizes, reference.BlockSizes) else None
   bwd_kw = (("block_sizes", xla_bs),
-            ("distance", "direct" if distance == "auto" and
-             x_MD.shape[1] <= reference.DIRECT_MAX_DIM else
-             ("expanded" if distance == "auto" else distance)))
+            ("distance", reference._resolve_distance(
+                distance, x_MD.shape[1], x_MD.dtype)))
   errors = []
   for name in order:
     fwd = _impl(name, block_sizes if name != "xla" else xla_bs, distance,

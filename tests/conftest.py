@@ -8,7 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
-jax.config.update("jax_platforms", "cpu")
+# CPU unless the caller asks otherwise, e.g. on a GPU machine:
+#   JAX_PLATFORMS=cuda,cpu pytest tests/kernels -m gpu
+jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 import pytest  # noqa: E402
 

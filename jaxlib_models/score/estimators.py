@@ -42,7 +42,7 @@ class ScoreConfig:
   n_quad: int | None = None
   # Kernel dispatch: None = pallas on GPU then xla; or a name / list.
   implementation: str | tuple | None = None
-  block_k: int = 4096  # Data points per scanned block (xla path).
+  block_k: int = 1024  # Data points per scanned block (xla path).
 
   def __post_init__(self):
     if self.estimator not in ("empirical", "legendre"):
@@ -100,7 +100,7 @@ def keep_threshold(d: int, c_rho: float) -> float:
 
 def empirical_score(x_MD, X_ND, t, *, truncate: bool = True,
                     c_rho: float = 1.0, implementation=None,
-                    block_k: int = 4096) -> ScoreOut:
+                    block_k: int = 1024) -> ScoreOut:
   """The (optionally truncated) score of the Gaussian KDE P_n * phi_t.
 
   Traceable in x, X and t (t a scalar); call `check_data`/`check_time` on

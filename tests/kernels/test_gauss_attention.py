@@ -4,10 +4,10 @@ Brief kernel_score_diffusion.md §8 tests 2 and 10. The implementation tests
 live in one base class, parametrised over shapes and dtypes by each subclass's
 CASES: `TestXla` (the chunked scan), `TestPallasInterpret` (the Pallas kernel
 in interpret mode, on CPU) and `TestPallasGpu` (the compiled kernel; marked
-`gpu`, skipped without one). tests/conftest.py pins jax to the CPU, so on a GPU
-machine run the last one as
+`gpu`, skipped without one). tests/conftest.py uses the CPU unless
+JAX_PLATFORMS says otherwise, so on a GPU machine run the last one as
 
-  .venv/bin/python -m pytest tests/kernels -m gpu --noconftest
+  JAX_PLATFORMS=cuda,cpu .venv/bin/python -m pytest tests/kernels -m gpu
 
 Oracles are independent of the module: a float64 NumPy formula for the
 forward and `jax.grad` of a dense jnp formula written here for the gradients
@@ -462,3 +462,14 @@ def test_chunked_memory_independent_of_n():
   X = jax.ShapeDtypeStruct((big, d), jnp.float32)
   dense_temp = dense.trace(x, X).lower().compile().memory_analysis()
   assert dense_temp.temp_size_in_bytes >= 4 * m * big  # Control.
+
+
+def test_mixed_dtypes_are_an_error_not_a_silent_cast():
+  """Float64 data with float32 queries must not be downcast silently (brief
+  pitfall 8). Planted bug caught: `X = X.astype(x.dtype)` in the API."""
+  with jax.enable_x64(True):
+    x = jnp.zeros((3, 2), jnp.float32)
+    X = jnp.ones((5, 2), jnp.float64)
+    with pytest.raises(TypeError, match="queries are float32 but data are "
+                       "float64"):
+      ga.gauss_attention(x, X, 0.1)

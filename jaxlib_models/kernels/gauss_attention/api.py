@@ -105,7 +105,13 @@ def gauss_attention(x_MD, X_ND, t, *,
   """
   validate(x_MD, X_ND, t)
   x_MD = jnp.asarray(x_MD)
-  X_ND = jnp.asarray(X_ND, x_MD.dtype)
+  X_ND = jnp.asarray(X_ND)
+  if X_ND.dtype != x_MD.dtype:
+    # A silent cast would downcast float64 data to float32 queries (or the
+    # reverse) without the caller noticing (brief pitfall 8).
+    raise TypeError(f"queries are {x_MD.dtype} but data are {X_ND.dtype}; "
+                    "cast both to one dtype (float64 for verification at "
+                    "small t, float32 otherwise)")
   t = jnp.asarray(t, x_MD.dtype)
   if isinstance(implementation, str):
     order = (implementation,)

@@ -237,15 +237,22 @@ def chunked_backward(x_MD, X_ND, t, mean_MD, lse_M, gm_MD, gl_M, *,
   if m <= bs.block_q:
     dx_MD, dX_KBD, g_t = one((x_MD, mean_MD, lse_M, gm_MD, gl_M))
   else:
-    # Padded query rows carry zero cotangents, so they add nothing.
-    # Their lse is padded with +1e30 so that their weights are exactly 0
-    # (a 0 lse would overflow exp and give inf * 0 = NaN).
+    # Query blocks are scanned with dX accumulated in the carry, so memory
+    # stays O(Q B + N D). Padded query rows carry zero cotangents; their lse
+    # is padded with +1e30 so that their weights are exactly 0 as well.
     pad = (-m) % bs.block_q
     lse_pad = jnp.concatenate([lse_M, jnp.full((pad,), -_SENTINEL, lse_M.dtype)])
     xb, mb, gmb, glb = _query_blocks(bs.block_q, x_MD, mean_MD, gm_MD, gl_M)
     lb = lse_pad.reshape(xb.shape[:2])
-    dx_NQD, dX_NKBD, g_t_N = jax.lax.map(one, (xb, mb, lb, gmb, glb))
-    dx_MD, dX_KBD, g_t = _unblock(dx_NQD, m), dX_NKBD.sum(0), g_t_N.sum()
+
+    def acc(carry, args):
+      dX_acc, g_acc = carry
+      dx, dX, g = one(args)
+      return (dX_acc + dX, g_acc + g), dx
+
+    zero = (jnp.zeros(X_KBD.shape, x_MD.dtype), jnp.zeros((), x_MD.dtype))
+    (dX_KBD, g_t), dx_NQD = jax.lax.scan(acc, zero, (xb, mb, lb, gmb, glb))
+    dx_MD = _unblock(dx_NQD, m)
   dX_ND = dX_KBD.reshape(-1, X_ND.shape[-1])[:n]
   if distance == "expanded":
     # Centring is a shift of both x and X by mean(X): chain rule through it.

@@ -54,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.title += " (tiny)"
     c.study.e1.update(targets=("mixture",), dims=(1,), ts=(0.1,),
                       ns=(200, 800), seeds=2, n_eval=500)
-    c.study.e2.update(dims=(1,), n=500, ts=(0.1, 1.0), seeds=2, n_eval=500)
+    c.study.e2.update(dims=(1,), n=500, ts=(0.03, 0.1, 1.0), seeds=2,
+                      n_eval=500)
     c.study.e3.update(targets=("mixture", "x2gauss"), dims=(1, 2),
                       ns=(200, 800), seeds=2)
     c.study.e4.update(n=300, num=500, steps=20, methods=("bridge", "ei"))

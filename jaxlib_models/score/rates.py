@@ -26,6 +26,8 @@ from jaxlib_models.score import estimators, samplers, targets
 def fit_slope(x, y) -> float:
   """OLS slope of log y on log x."""
   lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+  if len(np.unique(lx)) < 2:
+    return float("nan")  # A slope needs two distinct x values.
   return float(np.polyfit(lx, ly, 1)[0])
 
 

@@ -5,7 +5,8 @@ r"""Rate study of the kernel score estimator and its diffusion sampler.
 
 demo (part of `make demo`): E1 (mixture, d = 1, t = 0.01 and 0.1, n = 1k..64k,
 10 seeds), E3 (all three targets, 10 seeds), E4 (samplers vs the closed form),
-E5 (kernel vs neural, mixture and biweight, n = 250 and 1000, 3 seeds);
+E5 (kernel vs neural, mixture and biweight, n = 250 and 1000, 3 seeds),
+E6 (ablations: truncation, c_rho, Legendre);
 about 6 min on 2 cores.
 Expected: E1 slopes about -0.9 (goal -1 ± 0.25), E3 slopes -0.38..-0.41
 (goal -0.4 ± 0.1).
@@ -39,6 +40,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
               n_eval=10_000, hidden=(128, 128, 128), steps=3000,
               batch_size=256, learning_rate=2e-3, sample_steps=200,
               sample_num=10_000, sample_ref=200_000),
+      e6=dict(enabled=True, target="mixture", dim=1, n=4000, seeds=5,
+              ts=(0.01, 0.1), n_eval=4000, variants=(
+                  dict(label="empirical, untruncated", truncate=False),
+                  dict(label="empirical, c_rho=0.1", c_rho=0.1),
+                  dict(label="empirical, c_rho=1", c_rho=1.0),
+                  dict(label="empirical, c_rho=10", c_rho=10.0),
+                  dict(label="legendre, C=1", estimator="legendre"),
+                  dict(label="legendre, C=2, order 2", estimator="legendre",
+                       C=2.0, order=2),
+              )),
   )
   if arg == "demo":
     c.study.title += " (demo)"
@@ -59,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.study.e3.update(targets=("mixture", "x2gauss"), dims=(1, 2),
                       ns=(200, 800), seeds=2)
     c.study.e4.update(n=300, num=500, steps=20, methods=("bridge", "ei"))
+    c.study.e6.update(n=300, seeds=2, ts=(0.1,), n_eval=300)
     c.study.e5.update(targets=("mixture",), ns=(100,), seeds=1, steps=20, hidden=(16,),
                       t_int_points=3, n_eval=500, sample_steps=10,
                       sample_num=500, sample_ref=2000)

@@ -152,12 +152,22 @@ def smoothing_factor(
 
 
 def _prod_others(s_MBD):
-  """prod_{l != k} s[..., l] for each k, without division (s may be 0)."""
-  ones = jnp.ones_like(s_MBD[..., :1])
-  before = jnp.cumprod(jnp.concatenate([ones, s_MBD[..., :-1]], -1), -1)
-  rev = jnp.flip(s_MBD, -1)
-  after = jnp.cumprod(jnp.concatenate([ones, rev[..., :-1]], -1), -1)
-  return before * jnp.flip(after, -1)
+  """prod_{l != k} s[..., l] for each k, without division (s may be 0).
+
+  An unrolled O(D^2) product (D is small and static): the cumprod form was
+  constant-folded by XLA for seconds when D = 1 (a product of nothing).
+  """
+  d = s_MBD.shape[-1]
+  if d == 1:
+    return jnp.ones_like(s_MBD)
+  cols = []
+  for k in range(d):
+    others = [s_MBD[..., l] for l in range(d) if l != k]
+    p = others[0]
+    for o in others[1:]:
+      p = p * o
+    cols.append(p)
+  return jnp.stack(cols, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("block",))

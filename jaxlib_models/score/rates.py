@@ -71,9 +71,9 @@ def score_mse(target: targets.Target, n: int, t: float, seed: int, *,
       est = np.asarray(_score_f64(jnp.asarray(x), jnp.asarray(X),
                                   jnp.asarray(t, jnp.float64)))
     else:
-      est = np.asarray(estimators.estimate(jnp.asarray(x), jnp.asarray(X),
-                                           jnp.asarray(t, jnp.float64),
-                                           cfg).score_MD)
+      est = np.asarray(estimators._jit_estimate(
+          jnp.asarray(x), jnp.asarray(X), jnp.asarray(t, jnp.float64),
+          cfg).score_MD)
   return float(np.mean(np.sum((est - truth) ** 2, axis=-1)))
 
 

@@ -191,6 +191,21 @@ def _e5_one(e5: dict, lines: list):
             "sample of p0; the floor is a same-size sample of p0 itself.", ""]
 
 
+def _e6(e6: dict, lines: list):
+  labels = list(next(iter(e6["rows"].values())))
+  lines += ["## E6: ablations (truncation, c_rho, Legendre kernel)", "",
+            f"Score MSE, target {e6['target']}, d = {e6['d']}, n = {e6['n']}, "
+            f"mean ± s.e. over {e6['seeds']} seeds (same data and evaluation "
+            "points for every variant).", "",
+            "| t | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels)]
+  for t, row in e6["rows"].items():
+    cells = [f"{np.mean(row[l]):.4g} ± {np.std(row[l]) / np.sqrt(len(row[l])):.2g}"
+             for l in labels]
+    lines.append(f"| {t[1:]} | " + " | ".join(cells) + " |")
+  lines.append("")
+
+
 def write_report(res: dict, workdir: str, title: str, notes: str = "") -> str:
   lines = [f"# {title}", "", notes, ""]
   if "e1" in res:
@@ -203,6 +218,8 @@ def write_report(res: dict, workdir: str, title: str, notes: str = "") -> str:
     _e4(res["e4"], workdir, lines)
   if "e5" in res:
     _e5(res["e5"], lines)
+  if "e6" in res:
+    _e6(res["e6"], lines)
   path = os.path.join(workdir, "report.md")
   io.write_text(path, "\n".join(lines) + "\n")
   return path

@@ -203,6 +203,26 @@ def _mse_same_data(tg, X, t, seed, n_eval, score_fn=None) -> float:
   return float(np.mean(np.sum((est - truth) ** 2, axis=-1)))
 
 
+def run_e6(c) -> dict:
+  """Ablations (brief §5 E5): truncation on/off and c_rho, Legendre vs
+  empirical; score MSE at fixed n and t, same data and points per seed."""
+  out = {}
+  variants = {v["label"]: v for v in (dict(v) for v in c.variants)}
+  bar = _bar(len(c.ts) * len(variants), "E6 ablations")
+  for t in c.ts:
+    row = {}
+    for label, v in variants.items():
+      kw = {k: val for k, val in v.items() if k != "label"}
+      cfg = estimators.ScoreConfig(**kw)
+      row[label] = [rates.score_mse(targets.make(c.target, c.dim), c.n, t, s,
+                                    n_eval=c.n_eval, cfg=cfg)
+                    for s in range(c.seeds)]
+      bar.update()
+    out[f"t{t:g}"] = row
+  bar.close()
+  return dict(target=c.target, d=c.dim, n=c.n, seeds=c.seeds, rows=out)
+
+
 def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   s = config.study
@@ -217,4 +237,6 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
     res["e4"] = _cached(workdir, "e4", lambda: run_e4(s.e4, workdir))
   if s.e5.enabled:
     res["e5"] = _cached(workdir, "e5", lambda: run_e5(s.e5, workdir))
+  if "e6" in s and s.e6.enabled:
+    res["e6"] = _cached(workdir, "e6", lambda: run_e6(s.e6))
   return res

@@ -7,9 +7,11 @@ demo (part of `make demo`): E1 (mixture, d = 1, t = 0.01 and 0.1, n = 1k..64k,
 10 seeds), E3 (all three targets, 10 seeds), E4 (samplers vs the closed form),
 E5 (kernel vs neural, mixture and biweight, n = 250 and 1000, 3 seeds),
 E6 (ablations: truncation, c_rho, Legendre);
-about 6 min on 2 cores.
+measured 3 min 1 s on 2 cores.
 Expected: E1 slopes about -0.9 (goal -1 ± 0.25), E3 slopes -0.38..-0.41
 (goal -0.4 ± 0.1).
+full: measured 36 min on 2 cores (sharing the machine with a test run);
+the result is in eval/score_rates/report.md.
 default (full): adds d = 2 (E1, E3), t = 1, every target in E1, E2 and E5,
 n = 4000 and 5 seeds in E5.
 tiny: seconds (tests).

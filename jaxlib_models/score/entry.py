@@ -76,7 +76,8 @@ def study_main(config: ml_collections.ConfigDict, workdir: str) -> str:
       "Targets: 'mixture' 0.5 N(-2, 0.25) + 0.5 N(2, 0.25); 'biweight' "
       "15/16 (1 - x^2)^2 on [-1, 1] (Sobolev, compact support, vanishing at "
       "its edges: no density lower bound); 'x2gauss' x^2 phi(x) (zero at 0). "
-      f"This run took {minutes:.1f} min (including resumed parts).")
+      f"This invocation took {minutes:.1f} min (experiments finished earlier "
+      "are read back from their JSON, not re-run).")
   path = report.write_report(res, workdir, config.study.title, notes)
   print(f"report: {path}", flush=True)
   return path

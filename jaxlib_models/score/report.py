@@ -42,9 +42,13 @@ def _e1(e1: dict, workdir: str, lines: list):
                  f" | {_check(ok) if r['d'] == 1 else '-'} |")
   lines += ["", "(* pre-asymptotic: n t^{d/2} < 1000)", ""]
   keys = sorted({(r["target"], r["d"]) for r in e1.values()})
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6),
+  ncol = min(3, len(keys))
+  nrow = -(-len(keys) // ncol)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.6 * nrow),
                            squeeze=False)
-  for ax, (tg, d) in zip(axes[0], keys):
+  for ax in axes.ravel()[len(keys):]:
+    ax.set_visible(False)
+  for ax, (tg, d) in zip(axes.ravel(), keys):
     for r in e1.values():
       if (r["target"], r["d"]) != (tg, d):
         continue

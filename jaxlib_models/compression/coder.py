@@ -41,10 +41,10 @@ ESCAPE_MIN_P = 2.0**-16
 class CodingTable:
   """Per-scale PMFs for one distribution family."""
 
-  kind: str
-  scales: np.ndarray  # (S,) float64.
-  half_widths: np.ndarray  # (S,) int: L_s.
-  pmfs: list  # S arrays of shape (2 L_s + 2,): symbols -L..L, then escape.
+  kind: str  # "gaussian" | "laplace" | "logistic" | "factorized".
+  scales: np.ndarray  # (S,) float64 (factorized: one row per channel).
+  lows: np.ndarray  # (S,) int: the smallest codable value of model s.
+  pmfs: list  # S arrays: P(low), P(low + 1), ..., then the escape mass.
   # constriction models, built on first use (not saved).
   _models: dict = dataclasses.field(default_factory=dict, repr=False,
                                     compare=False)
@@ -56,7 +56,7 @@ class CodingTable:
       raise ValueError(f"unknown distribution {kind!r}; use {entropy.KINDS}")
     scales = np.asarray(entropy.default_scale_table() if scales is None
                         else scales, np.float64)
-    halves, pmfs = [], []
+    lows, pmfs = [], []
     for s in scales:
       s = max(s, entropy.SCALE_MIN)
       # Half-width so that P(|q| > L) <= tail_mass under the continuous law.
@@ -71,37 +71,55 @@ class CodingTable:
       p = entropy.pmf_np(kind, v, s)
       esc = max(1.0 - p.sum(), ESCAPE_MIN_P)
       pmf = np.concatenate([p, [esc]])
-      halves.append(half)
+      lows.append(-half)
       pmfs.append(pmf / pmf.sum())
-    return cls(kind, scales, np.asarray(halves), pmfs)
+    return cls(kind, scales, np.asarray(lows), pmfs)
+
+  @classmethod
+  def from_pmfs(cls, lows, pmfs, kind: str = "factorized") -> "CodingTable":
+    """Tables from explicit PMFs over low..low+len-1 (e.g. the factorised
+    prior of `bottleneck.py`); an escape entry of at least 2^-16 is added."""
+    out = []
+    for p in pmfs:
+      p = np.clip(np.asarray(p, np.float64), 0.0, None)
+      esc = max(1.0 - p.sum(), ESCAPE_MIN_P)
+      pmf = np.concatenate([p, [esc]])
+      out.append(pmf / pmf.sum())
+    lows = np.asarray(lows, np.int64)
+    return cls(kind, np.zeros(len(out)), lows, out)
+
+  def _symbols(self, q, s: int):
+    """Symbol ids of values q under model s, and the in-range mask."""
+    n = len(self.pmfs[s]) - 1
+    sym = q - int(self.lows[s])
+    inside = (sym >= 0) & (sym < n)
+    return np.where(inside, sym, n).astype(np.int32), inside
 
   def to_arrays(self) -> dict:
     """Flat numpy arrays (for saving with a checkpoint)."""
     return {"kind": np.frombuffer(self.kind.encode(), np.uint8),
-            "scales": self.scales, "half_widths": self.half_widths,
+            "scales": self.scales, "lows": self.lows,
+            "sizes": np.asarray([len(p) for p in self.pmfs], np.int64),
             "pmf_flat": np.concatenate(self.pmfs)}
 
   @classmethod
   def from_arrays(cls, a: dict) -> "CodingTable":
     kind = bytes(np.asarray(a["kind"], np.uint8)).decode()
-    halves = np.asarray(a["half_widths"], np.int64)
+    sizes = np.asarray(a["sizes"], np.int64)
     flat = np.asarray(a["pmf_flat"], np.float64)
-    sizes = 2 * halves + 2
     if flat.size != sizes.sum():
       raise CorruptStream(f"coding table: {flat.size} PMF entries, expected "
                           f"{int(sizes.sum())}")
     pmfs = np.split(flat, np.cumsum(sizes)[:-1])
-    return cls(kind, np.asarray(a["scales"], np.float64), halves, list(pmfs))
+    return cls(kind, np.asarray(a["scales"], np.float64),
+               np.asarray(a["lows"], np.int64), list(pmfs))
 
   def ideal_bits(self, q: np.ndarray, idx: np.ndarray) -> float:
     """-sum log2 P(q) under the tables (escape: its mass + 32 raw bits)."""
     q, idx = np.asarray(q).ravel(), np.asarray(idx).ravel()
     bits = 0.0
     for s in np.unique(idx):
-      sel = q[idx == s]
-      half = self.half_widths[s]
-      inside = np.abs(sel) <= half
-      sym = np.where(inside, sel + half, 2 * half + 1)
+      sym, inside = self._symbols(q[idx == s], s)
       bits += -np.log2(self.pmfs[s][sym]).sum() + 32.0 * (~inside).sum()
     return float(bits)
 
@@ -113,8 +131,8 @@ def encode(q, idx, table: CodingTable) -> bytes:
   idx = np.asarray(idx).ravel().astype(np.int64)
   if q.shape != idx.shape:
     raise ValueError(f"symbols {q.shape} and scale indices {idx.shape} differ")
-  if idx.size and (idx.min() < 0 or idx.max() >= len(table.scales)):
-    raise ValueError(f"scale index out of range [0, {len(table.scales)})")
+  if idx.size and (idx.min() < 0 or idx.max() >= len(table.pmfs)):
+    raise ValueError(f"scale index out of range [0, {len(table.pmfs)})")
   enc = constriction.stream.queue.RangeEncoder()
   escapes = []
   order = np.argsort(idx, kind="stable")
@@ -124,9 +142,7 @@ def encode(q, idx, table: CodingTable) -> bytes:
     if grp_q.size == 0:
       continue
     s = int(grp_s[0])
-    half = int(table.half_widths[s])
-    inside = np.abs(grp_q) <= half
-    sym = np.where(inside, grp_q + half, 2 * half + 1).astype(np.int32)
+    sym, inside = table._symbols(grp_q, s)
     escapes.extend(grp_q[~inside].tolist())
     enc.encode(sym, _fixed_model(table, s))
   words = enc.get_compressed().astype("<u4").tobytes()
@@ -172,11 +188,11 @@ def decode(data: bytes, idx, table: CodingTable) -> np.ndarray:
     if grp_s.size == 0:
       continue
     s = int(grp_s[0])
-    half = int(table.half_widths[s])
+    n_sym = len(table.pmfs[s]) - 1
     sym = np.asarray(dec.decode(_fixed_model(table, s), grp_s.size),
                      np.int64)
-    vals = sym - half
-    esc_pos = np.flatnonzero(sym == 2 * half + 1)
+    vals = sym + int(table.lows[s])
+    esc_pos = np.flatnonzero(sym == n_sym)
     if e + esc_pos.size > escapes.size:
       raise CorruptStream("stream needs more escaped values than it holds")
     vals[esc_pos] = escapes[e:e + esc_pos.size]

@@ -1,0 +1,134 @@
+"""Mean-scale hyperprior codec (Balle et al. 2018; Minnen et al. 2018), NHWC.
+
+B: batch, H/W: pixels, N: hyper channels, M: latent channels.
+g_a: 4 x (conv5 s2, GDN between); g_s mirrors it with inverse GDN; h_a:
+conv3 s1, conv5 s2, conv5 s2 (leaky ReLU); h_s: deconv5 s2, deconv5 s2,
+conv3 s1 -> 2M channels split (scales, means) in that order (brief
+learned_image_compression.md §2.1). Training: noisy y for the likelihood,
+STE-rounded y - mu + mu for the synthesis; test: q = round(y - mu).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlib_models.compression import bottleneck, entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperpriorConfig:
+  """Channel widths and the conditional's family."""
+
+  N: int = 128  # Transform / hyper channels.
+  M: int = 192  # Latent channels.
+  kind: str = "gaussian"  # Conditional family of y.
+
+  def __post_init__(self):
+    if self.N < 1 or self.M < 1:
+      raise ValueError(f"N={self.N}, M={self.M} must be >= 1")
+    if self.kind not in entropy.KINDS:
+      raise ValueError(f"kind={self.kind!r}; use one of {entropy.KINDS}")
+
+
+class GDN(nn.Module):
+  """Generalised divisive normalisation (inverse=True: IGDN)."""
+
+  inverse: bool = False
+
+  @nn.compact
+  def __call__(self, x_BHWC):
+    c = x_BHWC.shape[-1]
+    beta = self.param("beta", nn.initializers.ones, (c,))
+    gamma = self.param("gamma", lambda k, s: 0.1 * jnp.eye(s[0]), (c, c))
+    # Non-negative by squaring a bounded raw value (CompressAI-style).
+    b = jnp.maximum(beta, 1e-3) ** 2
+    g = jnp.maximum(gamma, 0.0) ** 2
+    norm = jnp.sqrt(b + jnp.einsum("BHWC,CD->BHWD", x_BHWC ** 2, g))
+    return x_BHWC * norm if self.inverse else x_BHWC / norm
+
+
+def _conv(c, k, s, name):
+  return nn.Conv(c, (k, k), strides=(s, s), padding="SAME", name=name)
+
+
+def _deconv(c, k, s, name):
+  return nn.ConvTranspose(c, (k, k), strides=(s, s), padding="SAME",
+                          name=name)
+
+
+class Hyperprior(nn.Module):
+  cfg: HyperpriorConfig
+
+  def setup(self):
+    n, m = self.cfg.N, self.cfg.M
+    self.g_a = [_conv(n, 5, 2, "g_a0"), GDN(name="g_a_gdn0"),
+                _conv(n, 5, 2, "g_a1"), GDN(name="g_a_gdn1"),
+                _conv(n, 5, 2, "g_a2"), GDN(name="g_a_gdn2"),
+                _conv(m, 5, 2, "g_a3")]
+    self.g_s = [_deconv(n, 5, 2, "g_s0"), GDN(True, name="g_s_igdn0"),
+                _deconv(n, 5, 2, "g_s1"), GDN(True, name="g_s_igdn1"),
+                _deconv(n, 5, 2, "g_s2"), GDN(True, name="g_s_igdn2"),
+                _deconv(3, 5, 2, "g_s3")]
+    self.h_a = [_conv(n, 3, 1, "h_a0"), _conv(n, 5, 2, "h_a1"),
+                _conv(n, 5, 2, "h_a2")]
+    self.h_s = [_deconv(m, 5, 2, "h_s0"), _deconv(m * 3 // 2, 5, 2, "h_s1"),
+                _conv(2 * m, 3, 1, "h_s2")]
+    self.entropy_bottleneck = bottleneck.EntropyBottleneck(n)
+
+  def analysis(self, x_BHW3):
+    h = x_BHW3
+    for layer in self.g_a:
+      h = layer(h)
+    return h
+
+  def synthesis(self, y_BhwM):
+    h = y_BhwM
+    for layer in self.g_s:
+      h = layer(h)
+    return h
+
+  def hyper_analysis(self, y_BhwM):
+    h = jnp.abs(y_BhwM)
+    for i, layer in enumerate(self.h_a):
+      h = layer(h)
+      if i < len(self.h_a) - 1:
+        h = nn.leaky_relu(h)
+    return h
+
+  def hyper_synthesis(self, z_hat):
+    """(scales, means), scales first."""
+    h = z_hat
+    for i, layer in enumerate(self.h_s):
+      h = layer(h)
+      if i < len(self.h_s) - 1:
+        h = nn.leaky_relu(h)
+    scales, means = jnp.split(h, 2, axis=-1)
+    return scales, means
+
+  def __call__(self, x_BHW3, rng=None, training: bool = False):
+    """Returns dict(x_hat, y_lik, z_lik)."""
+    y = self.analysis(x_BHW3)
+    z = self.hyper_analysis(y)
+    kz = ky = None
+    if training:
+      if rng is None:
+        raise ValueError("training=True needs an rng for the noise")
+      kz, ky = jax.random.split(rng)
+    z_hat, z_lik = self.entropy_bottleneck(z, kz, training)
+    scales, means = self.hyper_synthesis(z_hat)
+    if training:
+      y_noisy = y + jax.random.uniform(ky, y.shape, y.dtype, -0.5, 0.5)
+      y_lik = entropy.likelihood(y_noisy, means, scales, self.cfg.kind)
+      r = y - means
+      y_hat = r + jax.lax.stop_gradient(jnp.round(r) - r) + means
+    else:
+      y_hat = jnp.round(y - means) + means
+      y_lik = entropy.likelihood(y_hat, means, scales, self.cfg.kind)
+    return {"x_hat": self.synthesis(y_hat), "y_lik": y_lik, "z_lik": z_lik}
+
+  def aux_loss(self):
+    return self.entropy_bottleneck.aux_loss()

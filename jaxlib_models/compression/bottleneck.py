@@ -144,7 +144,7 @@ def coding_table(module: EntropyBottleneck, params, max_len: int = 4096):
   return coder.CodingTable.from_pmfs(low, pmfs), med
 
 
-def encode_z(z, module, params, table: coder.CodingTable, medians) -> bytes:
+def encode_z(z, table: coder.CodingTable, medians) -> bytes:
   """Codes channel-last z (..., C) as round(z - median) per channel."""
   z = np.asarray(z)
   q = np.round(z - medians).astype(np.int64)

@@ -106,8 +106,7 @@ def compress(codec: Codec, img) -> tuple[bytes, np.ndarray]:
   x = jnp.asarray(x[None].astype(np.float32) / 255.0)
   enc, _, _ = codec._fns
   y, z = (np.asarray(a) for a in enc(codec.params, x))
-  z_bytes = bottleneck.encode_z(z, None, None, codec.z_table,
-                                codec.z_medians)
+  z_bytes = bottleneck.encode_z(z, codec.z_table, codec.z_medians)
   z_hat = (np.round(z - codec.z_medians) + codec.z_medians).astype(
       np.float32)
   idx, means = codec._y_side(z_hat)

@@ -100,6 +100,13 @@ def check_time(t, *, name: str = "t") -> float:
   return tv
 
 
+def work_dtype(X: np.ndarray):
+  """float64 when the data are float64 and x64 is enabled, else float32."""
+  if jax.config.jax_enable_x64 and X.dtype == np.float64:
+    return jnp.float64
+  return jnp.float32
+
+
 def keep_threshold(d: int, c_rho: float) -> float:
   """lse threshold equivalent to p̂_t > c_rho / (n t^{D/2}) (brief §2.2)."""
   return math.log(c_rho) + 0.5 * d * math.log(2 * math.pi)
@@ -150,8 +157,7 @@ def score(x_MD, X_ND, t, cfg: ScoreConfig = ScoreConfig()) -> jax.Array:
     raise ValueError(f"dimension mismatch: queries have D={x.shape[1]} but "
                      f"data have D={X.shape[1]}")
   tv = check_time(t)
-  dtype = jnp.float64 if jax.config.jax_enable_x64 and X.dtype == np.float64 \
-      else jnp.float32
+  dtype = work_dtype(X)
   return _jit_estimate(jnp.asarray(x, dtype), jnp.asarray(X, dtype),
                        jnp.asarray(tv, dtype), cfg).score_MD
 

@@ -85,15 +85,21 @@ def resolve(cfg: SamplerConfig, n: int, d: int) -> tuple[float, float]:
   return t0, T
 
 
-def time_grid(t0: float, T: float, steps: int, kind: str = "geometric"):
-  """Descending times tau_K = T > ... > tau_0 = t0 (numpy float64)."""
-  k = np.arange(steps, -1, -1) / steps
+def time_grid(t0, T, steps: int, kind: str = "geometric"):
+  """Descending times tau_K = T > ... > tau_0 = t0 (endpoints exact).
+
+  numpy float64 for Python/numpy inputs, jnp inside a trace (t0, T traced).
+  """
+  xp = jnp if isinstance(t0, jax.Array) or isinstance(T, jax.Array) else np
+  k = xp.arange(steps, -1, -1) / steps
   if kind == "geometric":
     g = t0 * (T / t0) ** k
   else:
     g = t0 + (T - t0) * k
-  g[0], g[-1] = T, t0
-  return g
+  if xp is np:
+    g[0], g[-1] = T, t0
+    return g
+  return g.at[0].set(T).at[-1].set(t0)
 
 
 def _normal(key, shape, dtype):
@@ -194,9 +200,7 @@ def _run(key, X_ND, num, cfg: SamplerConfig, score_cfg, t0, T):
   y = initial(k_start, num, X_ND, T, cfg.start)
   if cfg.method == "bridge":
     return bridge_sample(k_run, y, X_ND, T, t0)
-  grid = jnp.exp(jnp.linspace(jnp.log(T), jnp.log(t0), cfg.steps + 1)) \
-      if cfg.grid == "geometric" else jnp.linspace(T, t0, cfg.steps + 1)
-  grid = grid.at[0].set(T).at[-1].set(t0)
+  grid = time_grid(t0, T, cfg.steps, cfg.grid)
   fn = lambda y, tau: estimators.estimate(y, X_ND, tau, score_cfg).score_MD
   return integrate(fn, k_run, y, grid, cfg.method)
 
@@ -219,8 +223,7 @@ def sample(key, X_ND, num: int, cfg: SamplerConfig = SamplerConfig(),
     raise ValueError("method='bridge' is exact only for the untruncated "
                      "empirical score: set score.truncate=False and "
                      "estimator='empirical', or use 'em'/'ei'")
-  dtype = jnp.float64 if (jax.config.jax_enable_x64
-                          and X.dtype == np.float64) else jnp.float32
+  dtype = estimators.work_dtype(X)
   Xj = jnp.asarray(X, dtype)
   out = _run(key, Xj, int(num), cfg, score_cfg, jnp.asarray(t0, dtype),
              jnp.asarray(T, dtype))

@@ -18,6 +18,7 @@ Every method works in numpy float64 (the truth side of every experiment).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import numpy as np
@@ -27,22 +28,26 @@ _LOG2PI = np.log(2.0 * np.pi)
 
 
 @dataclasses.dataclass(frozen=True)
-class Target:
+class Target(abc.ABC):
   """A target density p0 on R^D and its Gaussian smoothings p_t."""
 
   name: str
   dim: int
   beta: float  # Smoothness used by the theory's schedule.
 
+  @abc.abstractmethod
   def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
     raise NotImplementedError
 
+  @abc.abstractmethod
   def log_pt(self, x_MD: np.ndarray, t: float) -> np.ndarray:
     raise NotImplementedError
 
+  @abc.abstractmethod
   def score(self, x_MD: np.ndarray, t: float) -> np.ndarray:
     raise NotImplementedError
 
+  @abc.abstractmethod
   def pdf0(self, x_MD: np.ndarray) -> np.ndarray:
     """p0 itself (for TV at t0)."""
     raise NotImplementedError
@@ -92,9 +97,11 @@ class Mixture(Target):
 class _Product(Target):
   """Product of a 1-D density over D coordinates."""
 
+  @abc.abstractmethod
   def _lp1(self, x, t):  # log p_t per coordinate, elementwise.
     raise NotImplementedError
 
+  @abc.abstractmethod
   def _s1(self, x, t):  # d/dx log p_t per coordinate.
     raise NotImplementedError
 

@@ -76,7 +76,7 @@ def test_z_round_trip_bit_exact_with_real_rate():
   eb, params, z = _trained()
   table, med = bottleneck.coding_table(eb, params)
   table = coder.CodingTable.from_arrays(table.to_arrays())  # As stored.
-  data = bottleneck.encode_z(z, eb, params, table, med)
+  data = bottleneck.encode_z(z, table, med)
   zh = bottleneck.decode_z(data, z.shape, table, med)
   want = (np.round(z - med) + med).astype(np.float32)
   np.testing.assert_array_equal(zh, want)

@@ -309,8 +309,8 @@ class TestPallasGpu(TestPallasInterpret):
   @pytest.fixture(autouse=True)
   def _needs_gpu(self):
     if jax.default_backend() != "gpu":
-      pytest.skip("needs a GPU; tests/conftest.py pins jax to CPU, so run "
-                  "`pytest tests/kernels -m gpu --noconftest` there")
+      pytest.skip("needs a GPU; on a GPU machine run "
+                  "`JAX_PLATFORMS=cuda,cpu pytest tests/kernels -m gpu`")
 
 
 def test_online_softmax_survives_all_padding_blocks():

@@ -339,6 +339,8 @@ def main():
   ap.add_argument("--gpu-n", default="100000,1000000",
                   help="comma-separated n of the GPU table, (3)")
   ap.add_argument("--json", metavar="OUT", help="also write results here")
+  ap.add_argument("--only", default="speed,memory,gpu",
+                  help="comma-separated parts to run: speed, memory, gpu")
   ap.add_argument("--quick", action="store_true",
                   help="tiny sizes (n 2000, m 100): an end-to-end check only")
   ap.add_argument("--child", choices=("ours", "numpy"),
@@ -369,9 +371,12 @@ def main():
          "cpu_count": os.cpu_count(), "device_kind": dev.device_kind,
          "jax": jax.__version__, "numpy": np.__version__,
          "load_average": load}
-  speed(args, res)
-  memory(args, res)
-  gpu(args, res)
+  parts = {p.strip() for p in args.only.split(",")}
+  if parts - {"speed", "memory", "gpu"}:
+    ap.error(f"--only {args.only!r}: parts are speed, memory, gpu")
+  for name, fn in (("speed", speed), ("memory", memory), ("gpu", gpu)):
+    if name in parts:
+      fn(args, res)
   res["load_average_end"] = os.getloadavg()[0]
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:

@@ -60,6 +60,18 @@ class LlamaConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
   dtype: str = "float32"  # Compute dtype; log-softmax is always float32.
+  # Attention of a full causal pass without cache, prefix, padding or
+  # packing (training, plain prefill): "einsum" materialises the scores
+  # (every backend, the parity path); "fused" calls
+  # `jax.nn.dot_product_attention(is_causal=True)`, which takes cuDNN's
+  # flash attention on a GPU and XLA elsewhere. Every other call (cache,
+  # prefix, masks) uses einsum either way. cuDNN needs bfloat16/float16
+  # compute and head_dim a multiple of 8 up to 128; else XLA's version.
+  attention: str = "einsum"
+  # Rematerialisation of each block in the backward pass: "none", "full"
+  # (save only block inputs) or "dots" (save matmul outputs without batch
+  # dims, `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`).
+  remat: str = "none"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -69,6 +81,10 @@ class LlamaConfig:
       raise ValueError(
           f"num_attention_heads={self.num_attention_heads} is not a multiple"
           f" of num_key_value_heads={self.num_key_value_heads}")
+    if self.attention not in ("einsum", "fused"):
+      raise ValueError(f"attention={self.attention!r}: choose 'einsum' or 'fused'")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"remat={self.remat!r}: choose 'none', 'full' or 'dots'")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
     rs = self.rope_scaling

@@ -153,13 +153,30 @@ class LlamaAttention(nn.Module):
                                               start)
                  for a, n in zip(kv, (k, v)))
       k, v = (_layer_slice(a, layer).astype(dt) for a in kv)
+    if mask is None and c.attention == "fused":  # plain causal, no cache
+      o = jax.nn.dot_product_attention(
+          q.reshape(b, t, h, dh), k, v, is_causal=True,
+          implementation=_fused_impl(dt, dh)).reshape(b, t, h * dh)
+      return _dense(c.hidden_size, "o_proj", False, dt)(o), kv
     s = jnp.einsum("btkgd,bskd->bkgts", q, k,
                    preferred_element_type=jnp.float32) / math.sqrt(dh)
+    if mask is None:
+      mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None]
     s = jnp.where(mask[:, None, None], s, _NEG)
     p = jax.nn.softmax(s, axis=-1).astype(dt)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h * dh)
     o = _dense(c.hidden_size, "o_proj", False, dt)(o)
     return o, kv
+
+
+def _fused_impl(dt, dh: int) -> str | None:
+  """cuDNN flash attention where it applies (a GPU, 16-bit compute, head
+  size a multiple of 8 up to 128); otherwise XLA's implementation (None:
+  jax.nn.dot_product_attention does not pick cuDNN by itself)."""
+  if (jax.default_backend() == "gpu" and dt in (jnp.bfloat16, jnp.float16)
+      and dh % 8 == 0 and dh <= 128):
+    return "cudnn"
+  return None
 
 
 def _layer_slice(a: Array, layer: Array) -> Array:
@@ -213,8 +230,13 @@ class LlamaModel(nn.Module):
     self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size,
                                  param_dtype=jnp.float32,
                                  embedding_init=nn.initializers.normal(0.02))
+    block = LlamaDecoderLayer
+    if c.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if c.remat == "dots" else None)
+      block = nn.remat(LlamaDecoderLayer, policy=policy, prevent_cse=False)
     self.layers = nn.scan(
-        LlamaDecoderLayer,
+        block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -329,6 +351,7 @@ def forward(
   exit_layers = check_exit_layers(cfg, exit_layers)
   tokens = jnp.asarray(tokens, jnp.int32)
   b, t = tokens.shape
+  plain_causal = token_mask is None and segment_ids is None
   if token_mask is None:
     token_mask = jnp.ones((b, t), bool)
   if cache is not None and prefix is not None:
@@ -350,10 +373,13 @@ def forward(
     start = jnp.zeros((), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    mask = causal[None] & token_mask[:, None, :]
-    if segment_ids is not None:
-      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if plain_causal:  # built inside attention (or fused away)
+      mask = None
+    else:
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      mask = causal[None] & token_mask[:, None, :]
+      if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     layer_cache, valid = None, None
   else:
     if cache.k.shape[1] != b:

@@ -302,3 +302,38 @@ def test_decode_step_updates_the_donated_cache_in_place():
   assert mem.temp_size_in_bytes < kv_bytes / 2, (
       f"decode step needs {mem.temp_size_in_bytes} B of scratch for a"
       f" {kv_bytes} B cache: the cache is copied, not updated in place")
+
+
+@pytest.mark.parametrize("attention,remat", [("fused", "none"),
+                                             ("einsum", "full"),
+                                             ("fused", "dots")])
+def test_fused_attention_and_remat_match_the_einsum_path(attention, remat):
+  """The training options change nothing but speed/memory: same logits and
+  the same gradients as the default einsum path without rematerialisation."""
+  import dataclasses  # noqa: PLC0415
+
+  base = tiny()
+  other = dataclasses.replace(base, attention=attention, remat=remat)
+  params = init_params(base, jax.random.key(3))
+  tokens = jax.random.randint(jax.random.key(4), (2, 11), 0, base.vocab_size)
+
+  def loss(p, cfg):
+    return forward(p, cfg, tokens).logits.astype(jnp.float32).std()
+
+  la, ga = jax.value_and_grad(loss)(params, base)
+  lb, gb = jax.value_and_grad(loss)(params, other)
+  np.testing.assert_allclose(lb, la, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
+  # Padding still goes through the masked einsum path under "fused".
+  mask = jnp.ones((2, 11), bool).at[1, 7:].set(False)
+  np.testing.assert_allclose(
+      forward(params, other, tokens, token_mask=mask).logits[0],
+      forward(params, base, tokens, token_mask=mask).logits[0], atol=1e-5)
+
+
+def test_config_rejects_unknown_attention_and_remat():
+  with pytest.raises(ValueError, match="attention='flash'"):
+    tiny(attention="flash")
+  with pytest.raises(ValueError, match="remat='some'"):
+    tiny(remat="some")

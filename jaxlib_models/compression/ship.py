@@ -1,0 +1,195 @@
+r"""Trains the small hyperprior codecs shipped in `compression/pretrained/`.
+
+  python -m jaxlib_models.compression.ship --out DIR [--seconds 50]
+      [--lams 0.0035,0.0067,0.013,0.025] [--N 64 --M 96] [--crop 256]
+      [--batch 8] [--lr 3e-4]
+
+One model per lambda (loss lambda * 255^2 * MSE + bpp + aux, the training
+Task of `compression.train`), each trained for a fixed wall-clock budget with
+the foundation's jitted train step (`core.trainer.make_train_step`) on one
+device: Adam (quantiles at 10x, `Task.lr_scales`), global-norm clip 1.0, the
+learning rate dropped 10x for the last 20 % of the budget. Crops: a pool of
+`--pool` random crops (with random flips) of the training photos
+(`data.training_photos()`: libjxl-testdata, never the evaluation photos),
+drawn with probability proportional to photo area and kept on the device;
+each step gathers `--batch` of them.
+
+Each model is written as `hyperprior_lam{lam}.npz` (parameters cast to
+float16, so the four fit the repository's 20 MB budget; the codec then uses
+those float16 values as its float32 weights: the cast happens once, here,
+and the model id hashes the weights actually used) with a JSON beside it
+(lambda, N, M, steps, seconds, device, final training metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlib_models.compression import data, hyperprior, train
+from jaxlib_models.core import io, trainer
+from jaxlib_models.core import mesh as mesh_lib
+
+
+def crop_pool(photos: list, n: int, size: int, seed: int) -> np.ndarray:
+  """(n, size, size, 3) uint8 random crops with random flips, photos drawn
+  with probability proportional to their area."""
+  rng = np.random.default_rng(seed)
+  ok = [p for p in photos if min(p.shape[:2]) >= size]
+  if not ok:
+    raise ValueError(f"no training photo is at least {size}x{size}")
+  area = np.array([p.shape[0] * p.shape[1] for p in ok], np.float64)
+  which = rng.choice(len(ok), n, p=area / area.sum())
+  out = np.empty((n, size, size, 3), np.uint8)
+  for k, w in enumerate(which):
+    img = ok[w]
+    i = rng.integers(img.shape[0] - size + 1)
+    j = rng.integers(img.shape[1] - size + 1)
+    c = img[i:i + size, j:j + size]
+    if rng.random() < 0.5:
+      c = c[:, ::-1]
+    if rng.random() < 0.5:
+      c = c[::-1]
+    out[k] = c
+  return out
+
+
+def flatten_params(params) -> dict[str, np.ndarray]:
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in flat}
+
+
+def unflatten_params(arrays: dict, like) -> dict:
+  """Inverse of flatten_params onto the structure of `like` (abstract ok)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+  leaves = []
+  for path, ref in flat:
+    key = "/".join(str(getattr(k, "key", k)) for k in path)
+    if key not in arrays:
+      raise KeyError(f"parameter {key} missing from the stored model")
+    a = np.asarray(arrays[key], np.float32)
+    if a.shape != tuple(ref.shape):
+      raise ValueError(f"parameter {key}: stored shape {a.shape}, the model"
+                       f" needs {tuple(ref.shape)}")
+    leaves.append(a)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def train_one(cfg, lam: float, pool_dev, args) -> tuple[dict, dict]:
+  """Trains one model for args.seconds; returns (params, info)."""
+  tc = trainer.TrainConfig(num_steps=10**9, batch_size=args.batch,
+                           learning_rate=args.lr, optimizer="adam",
+                           grad_clip=1.0,
+                           mesh=(("data", 1), ("fsdp", 1), ("tensor", 1)),
+                           progress=False, console=False)
+  task = train.make_task(cfg, [np.zeros((args.crop, args.crop, 3), np.uint8)],
+                         lam, tc, args.crop)
+  mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  lr = optax.inject_hyperparams(optax.adam)(learning_rate=args.lr)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), lr,
+                   trainer.scale_by_tree(task.lr_scales))
+  init_fn, shardings = trainer.init_state(task, tx, mesh, seed=args.seed)
+  x0 = np.zeros((args.batch, args.crop, args.crop, 3), np.float32)
+  bsh = trainer.batch_shardings_for({"x": x0}, mesh)
+  step_fn = trainer.make_train_step(task.loss_fn, mesh, shardings, bsh)
+  n = pool_dev.shape[0]
+
+  @jax.jit
+  def gather(key):
+    idx = jax.random.randint(key, (args.batch,), 0, n)
+    return {"x": pool_dev[idx].astype(jnp.float32) / 255.0}
+
+  def set_lr(state, value):
+    inner = state.opt_state[1]
+    hp = dict(inner.hyperparams, learning_rate=jnp.asarray(value, jnp.float32))
+    opt = (state.opt_state[0], inner._replace(hyperparams=hp),
+           *state.opt_state[2:])
+    return state.replace(opt_state=opt)
+
+  with jax.set_mesh(mesh):
+    state = init_fn()
+    key = jax.random.key(args.seed + 1)
+    rng = jax.random.key(args.seed + 2)
+    t_start = time.perf_counter()
+    state, m = step_fn(state, gather(jax.random.fold_in(key, 0)), rng)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    steps, dropped, hist = 1, False, []
+    while True:
+      el = time.perf_counter() - t0
+      if el >= args.seconds:
+        break
+      if not dropped and el >= 0.8 * args.seconds:
+        state, dropped = set_lr(state, args.lr / 10), True
+      state, m = step_fn(state, gather(jax.random.fold_in(key, steps)), rng)
+      steps += 1
+      if steps % 200 == 0:
+        hist.append({k: float(v) for k, v in jax.device_get(m).items()})
+    jax.block_until_ready(m)
+    final = {k: float(v) for k, v in jax.device_get(m).items()}
+  info = {"lambda": lam, "N": cfg.N, "M": cfg.M, "kind": cfg.kind,
+          "steps": steps, "train_seconds": time.perf_counter() - t0,
+          "compile_seconds": compile_s, "batch": args.batch,
+          "crop": args.crop, "lr": args.lr, "pool": int(n),
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "final_metrics": final, "history_every_200": hist}
+  return jax.device_get(state.params), info
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=__doc__)
+  p.add_argument("--out", required=True, help="folder for the .npz/.json files")
+  p.add_argument("--seconds", type=float, default=50.0,
+                 help="training wall-clock budget per model (compile excluded)")
+  p.add_argument("--lams", default="0.0035,0.0067,0.013,0.025")
+  p.add_argument("--N", type=int, default=64)
+  p.add_argument("--M", type=int, default=96)
+  p.add_argument("--crop", type=int, default=256)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--lr", type=float, default=3e-4)
+  p.add_argument("--pool", type=int, default=2048)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--train-folder", default="",
+                 help="PNG folder to train on instead of libjxl-testdata")
+  args = p.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  cfg = hyperprior.HyperpriorConfig(N=args.N, M=args.M)
+  photos = list(data.training_photos(args.train_folder or None).values())
+  t0 = time.perf_counter()
+  pool = crop_pool(photos, args.pool, args.crop, args.seed)
+  pool_dev = jax.device_put(pool)
+  print(f"{jax.devices()[0].device_kind}: pool of {len(pool)} crops"
+        f" {args.crop}^2 from {len(photos)} photos in"
+        f" {time.perf_counter() - t0:.1f} s", flush=True)
+  for lam in (float(v) for v in args.lams.split(",")):
+    params, info = train_one(cfg, lam, pool_dev, args)
+    flat = {k: v.astype(np.float16) for k, v in flatten_params(params).items()}
+    stem = os.path.join(args.out, f"hyperprior_lam{lam:g}")
+    buf = __import__("io").BytesIO()
+    np.savez_compressed(buf, **flat)
+    io.write_bytes(stem + ".npz", buf.getvalue())
+    info["config"] = dataclasses.asdict(cfg)
+    io.write_json(stem + ".json", info)
+    fm = info["final_metrics"]
+    print(f"lambda {lam:g}: {info['steps']} steps in"
+          f" {info['train_seconds']:.0f} s (compile {info['compile_seconds']:.0f} s),"
+          f" loss {fm['train/loss']:.3f} bpp {fm['train/bpp']:.3f}"
+          f" psnr {fm['train/psnr']:.2f}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,188 @@
+r"""jlic: encode and decode images with the library's learned codecs.
+
+  jlic encode photo.png photo.jlic [--model hyperprior-q2]
+  jlic decode photo.jlic out.png          (the model is found from the file)
+  jlic models                             (the shipped models, with rates)
+  jlic rd --out eval/compression_rd       (RD report: shipped models vs
+                                           JPEG/WebP/AVIF/JPEG XL)
+
+(also `python -m jaxlib_models.compression.cli ...`). `encode` reads any
+image Pillow reads (PNG, JPEG, ...; grey and RGBA are converted to RGB) and
+prints size, bpp and the PSNR of the decoder's reconstruction; the .jlic file
+holds the model id, so `decode` picks the shipped model that wrote it (or the
+one named by --model) and refuses a file written by another model. A
+checkpoint of your own: `--checkpoint WORKDIR --config configs/compression/
+hyperprior.py` (the trainer's workdir). Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io as _io
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from jaxlib_models.compression import codec as codec_lib
+from jaxlib_models.compression import data, pretrained
+from jaxlib_models.core import io
+
+
+def _codec_from_args(args):
+  if getattr(args, "checkpoint", ""):
+    return _from_checkpoint(args.checkpoint, args.config)
+  return pretrained.load(args.model)
+
+
+def _from_checkpoint(workdir: str, config_path: str):
+  import jax  # noqa: PLC0415
+
+  from jaxlib_models.compression import entry  # noqa: PLC0415
+  from jaxlib_models.core import config as config_lib  # noqa: PLC0415
+  from jaxlib_models.core import trainer  # noqa: PLC0415
+
+  if not config_path:
+    raise SystemExit("--checkpoint needs --config (the config it was trained"
+                     " with, e.g. configs/compression/hyperprior.py)")
+  config = config_lib.load_config(config_path)
+  cfg, _, tc, task = entry._setup(config)
+  state, _, _ = trainer.restore_params(task, workdir, tc=tc)
+  return codec_lib.Codec.from_params(cfg, jax.device_get(state.params))
+
+
+def _model_id_of(blob: bytes) -> bytes:
+  """The 8-byte model id of a .jlic file (after magic and version byte)."""
+  if len(blob) < 13 or blob[:4] != codec_lib.MAGIC:
+    raise codec_lib.FormatError(
+        f"not a .jlic file (starts with {blob[:4]!r}, expected"
+        f" {codec_lib.MAGIC!r})")
+  return blob[5:13]
+
+
+def cmd_encode(args) -> int:
+  img = data.load_image(args.input)
+  cod = _codec_from_args(args)
+  t0 = time.perf_counter()
+  blob, recon = codec_lib.compress(cod, img)
+  dt = time.perf_counter() - t0
+  io.write_bytes(args.output, blob)
+  h, w = img.shape[:2]
+  mse = float(np.mean((recon.astype(np.float64) - img) ** 2))
+  psnr = math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+  print(f"{args.output}: {len(blob):,} bytes, {8 * len(blob) / (h * w):.4f}"
+        f" bpp, PSNR {psnr:.2f} dB ({w}x{h}, model {args.model if not args.checkpoint else args.checkpoint},"
+        f" {dt:.2f} s)")
+  return 0
+
+
+def cmd_decode(args) -> int:
+  if not os.path.exists(args.input):
+    raise SystemExit(f"{args.input}: no such file")
+  with open(args.input, "rb") as f:
+    blob = f.read()
+  if args.checkpoint:
+    cod = _codec_from_args(args)
+  elif args.model:
+    cod = pretrained.load(args.model)
+  else:
+    mid = _model_id_of(blob)
+    name = pretrained.find_by_id(mid)
+    if name is None:
+      raise SystemExit(
+          f"{args.input} was written by model {mid.hex()}, which is not a"
+          f" shipped model ({', '.join(pretrained.names())}); pass"
+          " --checkpoint/--config of the model that encoded it")
+    cod = pretrained.load(name)
+  t0 = time.perf_counter()
+  img = codec_lib.decompress(cod, blob)
+  dt = time.perf_counter() - t0
+  from PIL import Image  # noqa: PLC0415
+
+  buf = _io.BytesIO()
+  fmt = os.path.splitext(args.output)[1].lstrip(".").upper() or "PNG"
+  Image.fromarray(img).save(buf, format="JPEG" if fmt == "JPG" else fmt)
+  io.write_bytes(args.output, buf.getvalue())
+  print(f"{args.output}: {img.shape[1]}x{img.shape[0]} ({dt:.2f} s)")
+  return 0
+
+
+def cmd_models(args) -> int:
+  del args
+  for n in pretrained.names():
+    rec = pretrained.info(n)
+    c = rec["config"]
+    print(f"{n}: lambda {rec['lambda']:g}, N={c['N']} M={c['M']},"
+          f" {rec['steps']} steps on {rec['device']}"
+          + (f" + {rec['continued_from']['steps']} earlier"
+             if rec.get("continued_from") else ""))
+  return 0
+
+
+def cmd_rd(args) -> int:
+  from jaxlib_models.compression import rd  # noqa: PLC0415
+
+  images = data.eval_photos(args.photos.split(",") if args.photos else None)
+  points = []
+  for n in pretrained.names():
+    cod = pretrained.load(n)
+    points.append(rd.LearnedPoint(
+        n, lambda img, c=cod: codec_lib.compress(c, img)[0],
+        lambda b, c=cod: codec_lib.decompress(c, b)))
+  res = rd.run_rd(images, {"hyperprior (shipped)": points},
+                  anchors=tuple(args.anchors.split(",")))
+  files = rd.write_report(res, args.out)
+  print("\n".join(f"wrote {v}" for v in files.values()))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="jlic", description=__doc__.split("\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  sub = p.add_subparsers(dest="cmd", required=True)
+  models = pretrained.names()
+  default = models[len(models) // 2] if models else None
+
+  def model_args(sp, default_model):
+    sp.add_argument("--model", default=default_model,
+                    help=f"shipped model: {', '.join(models) or 'none found'}")
+    sp.add_argument("--checkpoint", default="",
+                    help="trainer workdir of your own model (needs --config)")
+    sp.add_argument("--config", default="",
+                    help="config file of --checkpoint")
+
+  e = sub.add_parser("encode", help="image -> .jlic")
+  e.add_argument("input")
+  e.add_argument("output")
+  model_args(e, default)
+  e.set_defaults(fn=cmd_encode)
+  d = sub.add_parser("decode", help=".jlic -> image (PNG by extension)")
+  d.add_argument("input")
+  d.add_argument("output")
+  model_args(d, None)
+  d.set_defaults(fn=cmd_decode)
+  m = sub.add_parser("models", help="list the shipped models")
+  m.set_defaults(fn=cmd_models)
+  r = sub.add_parser("rd", help="rate-distortion report on the held-out photos")
+  r.add_argument("--out", default="eval/compression_rd")
+  r.add_argument("--photos", default="",
+                 help="comma-separated subset of the evaluation photos")
+  r.add_argument("--anchors", default="jpeg,webp,avif,jxl")
+  r.set_defaults(fn=cmd_rd)
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except (codec_lib.FormatError, FileNotFoundError, ValueError) as e:
+    print(f"jlic {args.cmd}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,81 @@
+"""The small trained codecs shipped with the library (`pretrained/*.npz`).
+
+  from jaxlib_models.compression import pretrained
+  pretrained.names()            # ['hyperprior-q1', 'hyperprior-q2', ...]
+  codec = pretrained.load("hyperprior-q2")
+
+Each model is a mean-scale hyperprior (N = 64, M = 96) trained by
+`compression.ship` on the libjxl-testdata photos (never on the evaluation
+photos); q1..qK sort the models by lambda (rate). The JSON beside each file
+says how it was trained (device, steps, seconds). They are small and briefly
+trained: demonstration models, not competitive codecs (benchmarks/RESULTS.md).
+Weights are stored as float16 and used as float32 (the model id hashes the
+values actually used, so every machine agrees on it).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlib_models.compression import codec as codec_lib
+from jaxlib_models.compression import hyperprior, ship
+from jaxlib_models.core import io
+
+DIR = os.path.join(os.path.dirname(__file__), "pretrained")
+
+
+def _files(folder: str = DIR) -> list[tuple[float, str]]:
+  out = []
+  for f in glob.glob(os.path.join(folder, "hyperprior_lam*.npz")):
+    lam = float(os.path.basename(f)[len("hyperprior_lam"):-len(".npz")])
+    out.append((lam, f[:-len(".npz")]))
+  return sorted(out)
+
+
+def names(folder: str = DIR) -> list[str]:
+  return [f"hyperprior-q{i + 1}" for i in range(len(_files(folder)))]
+
+
+def info(name: str, folder: str = DIR) -> dict:
+  """The training record (JSON) of a shipped model."""
+  return io.read_json(_stem(name, folder) + ".json")
+
+
+def _stem(name: str, folder: str) -> str:
+  files = _files(folder)
+  known = names(folder)
+  if name not in known:
+    raise ValueError(f"unknown model {name!r}; shipped models: {known}"
+                     + ("" if known else f" (none found in {folder})"))
+  return files[known.index(name)][1]
+
+
+def config_of(rec: dict) -> hyperprior.HyperpriorConfig:
+  c = rec["config"]
+  return hyperprior.HyperpriorConfig(N=c["N"], M=c["M"], kind=c["kind"])
+
+
+@functools.lru_cache(maxsize=8)
+def load(name: str, folder: str = DIR) -> codec_lib.Codec:
+  """A ready Codec (coding tables built) for a shipped model."""
+  stem = _stem(name, folder)
+  cfg = config_of(io.read_json(stem + ".json"))
+  like = jax.eval_shape(lambda: hyperprior.Hyperprior(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
+  with np.load(stem + ".npz") as z:
+    params = ship.unflatten_params(dict(z), like)
+  return codec_lib.Codec.from_params(cfg, params)
+
+
+def find_by_id(model_id: bytes, folder: str = DIR) -> str | None:
+  """The shipped model whose id is `model_id` (None if none is)."""
+  for n in names(folder):
+    if load(n, folder).model_id == model_id:
+      return n
+  return None

@@ -1,0 +1,97 @@
+"""jlic encode/decode with the shipped models, the corpus split, and the
+shipped-model budget (issue 6: CLI, data, small trained models)."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxlib_models.compression import cli, codec, data, pretrained
+
+
+def test_shipped_models_exist_fit_the_budget_and_load():
+  names = pretrained.names()
+  assert len(names) >= 3, names
+  total = sum(os.path.getsize(os.path.join(pretrained.DIR, f))
+              for f in os.listdir(pretrained.DIR))
+  assert total <= 20 * 2**20, f"shipped models take {total / 2**20:.1f} MB"
+  lams = [pretrained.info(n)["lambda"] for n in names]
+  assert lams == sorted(lams)  # q1..qK: increasing rate
+  ids = {pretrained.load(n).model_id for n in names}
+  assert len(ids) == len(names)
+
+
+def test_encode_decode_round_trip_finds_the_model(tmp_path, capsys):
+  img = data.eval_photos(["chelsea"])["chelsea"][:100, :150]  # odd-ish size
+  src, enc = tmp_path / "in.png", tmp_path / "x.jlic"
+  Image.fromarray(img).save(src)
+  assert cli.main(["encode", str(src), str(enc), "--model",
+                   "hyperprior-q1"]) == 0
+  assert "bpp" in capsys.readouterr().out
+  out = tmp_path / "out.png"
+  assert cli.main(["decode", str(enc), str(out)]) == 0  # id -> q1
+  got = np.asarray(Image.open(out))
+  want = codec.decompress(pretrained.load("hyperprior-q1"), enc.read_bytes())
+  np.testing.assert_array_equal(got, want)
+  _, recon = codec.compress(pretrained.load("hyperprior-q1"), img)
+  np.testing.assert_array_equal(got, recon)  # the encoder's reconstruction
+
+
+def test_decode_errors_name_the_problem(tmp_path, capsys):
+  img = np.full((64, 64, 3), 120, np.uint8)
+  src, enc = tmp_path / "in.png", tmp_path / "x.jlic"
+  Image.fromarray(img).save(src)
+  assert cli.main(["encode", str(src), str(enc), "--model",
+                   "hyperprior-q1"]) == 0
+  capsys.readouterr()
+  assert cli.main(["decode", str(enc), str(tmp_path / "o.png"), "--model",
+                   "hyperprior-q2"]) == 2
+  assert "encoded with model" in capsys.readouterr().err
+  assert cli.main(["decode", str(src), str(tmp_path / "o.png")]) == 2
+  assert "not a .jlic file" in capsys.readouterr().err
+  blob = enc.read_bytes()
+  (tmp_path / "t.jlic").write_bytes(blob[:-5])
+  assert cli.main(["decode", str(tmp_path / "t.jlic"),
+                   str(tmp_path / "o.png")]) == 2
+  assert "truncated" in capsys.readouterr().err
+  assert not (tmp_path / "o.png").exists()  # nothing half-written
+  with pytest.raises(SystemExit):
+    cli.main(["decode", str(tmp_path / "missing.jlic"), "o.png"])
+
+
+def test_eval_and_training_sets_are_disjoint_and_sized():
+  ev = data.eval_photos()
+  assert len(ev) >= 12
+  for name, img in ev.items():
+    assert img.dtype == np.uint8 and img.shape[2] == 3
+    assert img.shape[0] % 64 == 0 and img.shape[1] % 64 == 0, name
+    assert min(img.shape[:2]) >= 256, name
+  try:
+    tr = data.training_photos()
+  except FileNotFoundError as e:
+    assert "apt-get install libjxl-testdata" in str(e)
+    return
+  assert not set(tr) & set(ev)
+  evb = {img.tobytes()[:4096] for img in ev.values()}
+  assert not any(img.tobytes()[:4096] in evb for img in tr.values())
+
+
+def test_training_photos_missing_gives_the_install_hint(monkeypatch, tmp_path):
+  monkeypatch.setenv("JAXLIB_MODELS_LIBJXL_TESTDATA", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="apt-get install libjxl-testdata"):
+    data.training_photos()
+  with pytest.raises(ValueError, match="unknown evaluation photo"):
+    data.eval_photos(["kodim01"])
+
+
+def test_crop_pool_is_deterministic_and_area_weighted():
+  from jaxlib_models.compression import ship  # noqa: PLC0415
+
+  big = np.zeros((300, 300, 3), np.uint8)
+  small = np.full((64, 64, 3), 255, np.uint8)
+  a = ship.crop_pool([big, small], 200, 64, seed=3)
+  b = ship.crop_pool([big, small], 200, 64, seed=3)
+  np.testing.assert_array_equal(a, b)
+  frac_small = np.mean(a.reshape(200, -1).max(1) == 255)
+  assert 0.0 < frac_small < 0.15  # 4096 / (90000 + 4096) ~ 4 %

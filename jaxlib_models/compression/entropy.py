@@ -13,6 +13,8 @@ uses the complementary form erfc so that far-tail probabilities stay exact.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,100 @@ def pmf_np(kind: str, v: np.ndarray, scale: float) -> np.ndarray:
   s = max(float(scale), SCALE_MIN)
   a = np.abs(v.astype(np.float64))
   return _cdf_np(kind, (0.5 - a) / s) - _cdf_np(kind, (-0.5 - a) / s)
+
+
+# Families of the context models' conditionals: a single kind (coded with a
+# scale table, mean trick) or a mixture (coded with per-symbol rows).
+MIXTURES = {"gmm": ("gaussian",), "gllmm": ("gaussian", "laplace", "logistic")}
+FAMILIES = KINDS + tuple(MIXTURES)
+
+
+def is_mixture(family: str) -> bool:
+  if family not in FAMILIES:
+    raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
+  return family in MIXTURES
+
+
+def mixture_kinds(family: str, k: int) -> tuple[str, ...]:
+  """Component kinds of a K-component mixture (gllmm cycles G, L, logistic)."""
+  base = MIXTURES[family]
+  return tuple(base[i % len(base)] for i in range(k))
+
+
+def param_channels(family: str, m: int, k: int) -> int:
+  """Output channels of a parameter network for `family` over M latents:
+  2M (scales, means) or 3KM (scales, means, logits), scales first."""
+  return 3 * k * m if is_mixture(family) else 2 * m
+
+
+def split_params(raw, family: str, m: int, k: int) -> dict:
+  """Parameter-network output (..., C) -> dict(scales, means[, logits]);
+  single kinds give (..., M), mixtures (..., M, K). Channel layout: scales
+  block first, then means, then logits; inside a mixture block component k
+  holds channels k*M .. (k+1)*M - 1."""
+  if raw.shape[-1] != param_channels(family, m, k):
+    raise ValueError(f"{raw.shape[-1]} parameter channels, {family} with "
+                     f"M={m}, K={k} needs {param_channels(family, m, k)}")
+  if not is_mixture(family):
+    scales, means = jnp.split(raw, 2, axis=-1)
+    return {"scales": scales, "means": means}
+  blocks = jnp.split(raw, 3, axis=-1)
+  names = ("scales", "means", "logits")
+  lead = raw.shape[:-1]
+  return {n: jnp.moveaxis(b.reshape(lead + (k, m)), -2, -1)
+          for n, b in zip(names, blocks)}
+
+
+def family_quantize(y, prm: dict, family: str, training: bool):
+  """y^ seen by synthesis and context: single kinds STE-round(y - mu) + mu
+  (test: round(y - mu) + mu), mixtures STE-round(y) (test: round(y)): a
+  mixture has no single mean to subtract (brief §2.3)."""
+  shift = 0.0 if is_mixture(family) else prm["means"]
+  r = y - shift
+  if training:
+    return r + jax.lax.stop_gradient(jnp.round(r) - r) + shift
+  return jnp.round(r) + shift
+
+
+def family_likelihood(v, prm: dict, family: str, k: int):
+  """P of (noisy or rounded) values v (..., M) under the set's family."""
+  if not is_mixture(family):
+    return likelihood(v, prm["means"], prm["scales"], family)
+  return mixture_likelihood(v, prm["means"], prm["scales"], prm["logits"],
+                            mixture_kinds(family, k))
+
+
+def interval_np(kind: str, d: np.ndarray, scale: np.ndarray) -> np.ndarray:
+  """Float64 mass of [d - 1/2, d + 1/2] under the zero-mean `kind` with
+  per-element scales (host side; stable side as in `_interval`)."""
+  s = np.maximum(np.asarray(scale, np.float64), SCALE_MIN)
+  a = np.abs(np.asarray(d, np.float64))
+  return _cdf_np(kind, (0.5 - a) / s) - _cdf_np(kind, (-0.5 - a) / s)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureGrid:
+  """Fixed grids that mixture parameters are snapped to before coding (brief
+  §2.4 rule 2): only these integers reach the host-side PMF rows, which are
+  rebuilt from them in float64 on both sides. Library choice."""
+
+  weight_levels: int = 64  # pi_k snapped to multiples of 1/64.
+  mean_step: float = 1.0 / 16  # mu_k snapped to multiples of 1/16 (2^-n).
+  mean_max: float = 1024.0  # |mu_k| clipped here first.
+  window: float = 8.0  # PMF rows span min(mu - 8 s) .. max(mu + 8 s).
+
+  def __post_init__(self):
+    if self.weight_levels < 1:
+      raise ValueError(f"{self.weight_levels=} must be >= 1")
+    if self.mean_step <= 0 or self.window <= 0:
+      raise ValueError(f"{self.mean_step=} and {self.window=} must be > 0")
+
+
+def quantize_mixture(prm: dict, table: np.ndarray, grid: MixtureGrid):
+  """(weight levels, mean steps, scale indexes), int32 (..., M, K), from the
+  float mixture parameters (jittable; deterministic given its inputs)."""
+  w = jax.nn.softmax(prm["logits"], axis=-1)
+  wq = jnp.round(w * grid.weight_levels).astype(jnp.int32)
+  mu = jnp.clip(prm["means"], -grid.mean_max, grid.mean_max)
+  mq = jnp.round(mu / grid.mean_step).astype(jnp.int32)
+  return wq, mq, scale_index(prm["scales"], table)

@@ -6,6 +6,13 @@ conv3 s1, conv5 s2, conv5 s2 (leaky ReLU); h_s: deconv5 s2, deconv5 s2,
 conv3 s1 -> 2M channels split (scales, means) in that order (brief
 learned_image_compression.md §2.1). Training: noisy y for the likelihood,
 STE-rounded y - mu + mu for the synthesis; test: q = round(y - mu).
+
+Context models are opt-in (`HyperpriorConfig.context`): "checkerboard"
+(Fu et al.'s improved checkerboard, `checkerboard.py`, params under `ckbd`)
+or "serial" (Minnen 2018 autoregressive, `serial.py`, params under
+`serial`); both take psi = cat(scales, means) of h_s. With every new field
+at its default the parameter tree and outputs are those of the plain
+hyperprior.
 """
 
 from __future__ import annotations
@@ -16,22 +23,65 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlib_models.compression import bottleneck, entropy
+from jaxlib_models.compression import (bottleneck, checkerboard, entropy,
+                                       serial)
+
+CONTEXTS = ("none", "checkerboard", "serial")
 
 
 @dataclasses.dataclass(frozen=True)
 class HyperpriorConfig:
-  """Channel widths and the conditional's family."""
+  """Channel widths, the conditional's family and the context model.
+
+  Every field after `kind` is opt-in: its default reproduces the plain
+  mean-scale hyperprior (parameter tree, outputs, .jlic v1 files, model id).
+  """
 
   N: int = 128  # Transform / hyper channels.
   M: int = 192  # Latent channels.
-  kind: str = "gaussian"  # Conditional family of y.
+  kind: str = "gaussian"  # Conditional family of y ("none", "serial").
+  # Context model: "none" (hyperprior only), "checkerboard" (Fu et al.'s
+  # two parameter networks) or "serial" (Minnen 2018 masked 5x5 AR).
+  context: str = "none"
+  # Checkerboard families per set, from entropy.FAMILIES (single kinds or
+  # "gmm" / "gllmm" mixtures). Paper value unknown: library default gmm for
+  # anchors (no spatial context), gaussian for non-anchors (brief §2.3).
+  anchor_family: str = "gmm"
+  nonanchor_family: str = "gaussian"
+  mixture_components: int = 3  # K of the mixtures (paper value unknown).
+  # Channel skipping (Fu technique 4): write an M-bit occupancy bitmap and
+  # code only channels with a non-zero symbol (context models only).
+  skip_channels: bool = False
+  # Training only (not part of the model id): weight alpha_1 of the L1 term
+  # alpha_1 * sum|y^| / (H W) that drives whole channels to zero (Fu
+  # preset 0.01, paper value unknown).
+  l1_weight: float = 0.0
+  # Width of g_s (distillation students); None = N.
+  N_dec: int | None = None
 
   def __post_init__(self):
     if self.N < 1 or self.M < 1:
       raise ValueError(f"N={self.N}, M={self.M} must be >= 1")
     if self.kind not in entropy.KINDS:
       raise ValueError(f"kind={self.kind!r}; use one of {entropy.KINDS}")
+    if self.context not in CONTEXTS:
+      raise ValueError(f"context={self.context!r}; use one of {CONTEXTS}")
+    for f in (self.anchor_family, self.nonanchor_family):
+      if f not in entropy.FAMILIES:
+        raise ValueError(f"family {f!r}; use one of {entropy.FAMILIES}")
+    if self.mixture_components < 1:
+      raise ValueError(f"{self.mixture_components=} must be >= 1")
+    if self.skip_channels and self.context == "none":
+      raise ValueError("skip_channels needs a context model (the plain "
+                       "hyperprior writes .jlic v1 files without a bitmap)")
+    if self.l1_weight < 0:
+      raise ValueError(f"{self.l1_weight=} must be >= 0")
+    if self.N_dec is not None and self.N_dec < 1:
+      raise ValueError(f"{self.N_dec=} must be >= 1 or None")
+
+  @property
+  def decoder_width(self) -> int:
+    return self.N if self.N_dec is None else self.N_dec
 
 
 class GDN(nn.Module):
@@ -69,15 +119,22 @@ class Hyperprior(nn.Module):
                 _conv(n, 5, 2, "g_a1"), GDN(name="g_a_gdn1"),
                 _conv(n, 5, 2, "g_a2"), GDN(name="g_a_gdn2"),
                 _conv(m, 5, 2, "g_a3")]
-    self.g_s = [_deconv(n, 5, 2, "g_s0"), GDN(True, name="g_s_igdn0"),
-                _deconv(n, 5, 2, "g_s1"), GDN(True, name="g_s_igdn1"),
-                _deconv(n, 5, 2, "g_s2"), GDN(True, name="g_s_igdn2"),
+    nd = self.cfg.decoder_width
+    self.g_s = [_deconv(nd, 5, 2, "g_s0"), GDN(True, name="g_s_igdn0"),
+                _deconv(nd, 5, 2, "g_s1"), GDN(True, name="g_s_igdn1"),
+                _deconv(nd, 5, 2, "g_s2"), GDN(True, name="g_s_igdn2"),
                 _deconv(3, 5, 2, "g_s3")]
     self.h_a = [_conv(n, 3, 1, "h_a0"), _conv(n, 5, 2, "h_a1"),
                 _conv(n, 5, 2, "h_a2")]
     self.h_s = [_deconv(m, 5, 2, "h_s0"), _deconv(m * 3 // 2, 5, 2, "h_s1"),
                 _conv(2 * m, 3, 1, "h_s2")]
     self.entropy_bottleneck = bottleneck.EntropyBottleneck(n)
+    c = self.cfg
+    if c.context == "checkerboard":
+      self.ckbd = checkerboard.CheckerboardContext(
+          m, c.anchor_family, c.nonanchor_family, c.mixture_components)
+    elif c.context == "serial":
+      self.serial = serial.SerialContext(m, c.kind)
 
   def analysis(self, x_BHW3):
     h = x_BHW3
@@ -109,8 +166,16 @@ class Hyperprior(nn.Module):
     scales, means = jnp.split(h, 2, axis=-1)
     return scales, means
 
+  def context_model(self):
+    """The context submodule (None for context="none")."""
+    if self.cfg.context == "checkerboard":
+      return self.ckbd
+    if self.cfg.context == "serial":
+      return self.serial
+    return None
+
   def __call__(self, x_BHW3, rng=None, training: bool = False):
-    """Returns dict(x_hat, y_lik, z_lik)."""
+    """Returns dict(x_hat, y_hat, y_lik, z_lik)."""
     y = self.analysis(x_BHW3)
     z = self.hyper_analysis(y)
     kz = ky = None
@@ -120,7 +185,10 @@ class Hyperprior(nn.Module):
       kz, ky = jax.random.split(rng)
     z_hat, z_lik = self.entropy_bottleneck(z, kz, training)
     scales, means = self.hyper_synthesis(z_hat)
-    if training:
+    if self.cfg.context != "none":
+      psi = jnp.concatenate([scales, means], -1)
+      y_hat, y_lik = self.context_model()(y, psi, ky, training)
+    elif training:
       y_noisy = y + jax.random.uniform(ky, y.shape, y.dtype, -0.5, 0.5)
       y_lik = entropy.likelihood(y_noisy, means, scales, self.cfg.kind)
       r = y - means
@@ -128,7 +196,8 @@ class Hyperprior(nn.Module):
     else:
       y_hat = jnp.round(y - means) + means
       y_lik = entropy.likelihood(y_hat, means, scales, self.cfg.kind)
-    return {"x_hat": self.synthesis(y_hat), "y_lik": y_lik, "z_lik": z_lik}
+    return {"x_hat": self.synthesis(y_hat), "y_hat": y_hat, "y_lik": y_lik,
+            "z_lik": z_lik}
 
   def aux_loss(self):
     return self.entropy_bottleneck.aux_loss()

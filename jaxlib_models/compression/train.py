@@ -4,7 +4,10 @@ trainer (checkpoints, resume, parallel layouts by config).
 Loss = lambda * 255^2 * MSE + bpp + aux, where bpp counts y and z from the
 likelihoods and aux (the bottleneck's quantile loss) only reaches the
 quantiles, which get a 10x learning rate (CompressAI trains them with a
-separate optimiser).
+separate optimiser). With `cfg.l1_weight` = alpha_1 > 0 the loss gains Fu et
+al.'s channel-sparsity term alpha_1 * sum|y^| / (H W) (per image, averaged
+over the batch; arXiv 2309.02529 technique 4). The context model is chosen
+by `cfg.context`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,13 @@ def make_task(cfg: hyperprior.HyperpriorConfig, images: list, lam: float,
     mse = jnp.mean((out["x_hat"] - x) ** 2)
     aux = model.apply({"params": params}, method="aux_loss")
     loss = lam * 255.0**2 * mse + bpp + aux
-    return loss, {"train/bpp": bpp, "train/mse": mse, "train/aux": aux,
-                  "train/psnr": -10 * jnp.log10(jnp.maximum(mse, 1e-10))}
+    metrics = {"train/bpp": bpp, "train/mse": mse, "train/aux": aux,
+               "train/psnr": -10 * jnp.log10(jnp.maximum(mse, 1e-10))}
+    if cfg.l1_weight > 0:
+      l1 = jnp.sum(jnp.abs(out["y_hat"])) / pixels
+      loss = loss + cfg.l1_weight * l1
+      metrics["train/l1"] = l1
+    return loss, metrics
 
   def batches(start):
     step = start
@@ -49,8 +57,11 @@ def make_task(cfg: hyperprior.HyperpriorConfig, images: list, lam: float,
   axes = jax.tree.map(lambda s: (None,) * s.ndim, shapes)
   scales = jax.tree_util.tree_map_with_path(
       lambda p, _: 10.0 if "quantiles" in str(p) else 1.0, shapes)
+  meta = {"N": cfg.N, "M": cfg.M, "lambda": lam}
+  if cfg.context != "none":
+    meta["context"] = cfg.context
   return trainer.Task(init_params, loss_fn, axes, batches, lr_scales=scales,
-                      meta={"N": cfg.N, "M": cfg.M, "lambda": lam})
+                      meta=meta)
 
 
 def evaluate(cfg, params, photos: dict) -> dict:

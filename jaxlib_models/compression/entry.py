@@ -15,13 +15,28 @@ from jaxlib_models.compression import data, hyperprior, train
 from jaxlib_models.core import io, trainer
 
 
+def _photos(d):
+  """(train, eval) photo dicts for a config's data section.
+
+  source "corpus": train on libjxl-testdata (or data.train_folder), evaluate
+  on the 12 held-out package photos (data.eval_photos); "builtin": the
+  package photos split by data.eval_names (a smoke test: few, JPEG-sourced);
+  data.folder (a user's PNGs, e.g. Kodak) overrides both, split by
+  eval_names.
+  """
+  if d.folder:
+    return data.split(data.load_folder(d.folder), tuple(d.eval_names))
+  if d.get("source", "builtin") == "corpus":
+    tr = data.training_photos(d.get("train_folder", "") or None)
+    names = tuple(d.eval_names) or None
+    return tr, data.eval_photos(names)
+  photos = {k: data.load_image(p) for k, p in data.builtin_photos().items()}
+  return data.split(photos, tuple(d.eval_names))
+
+
 def _setup(config):
   cfg = hyperprior.HyperpriorConfig(**config.model.to_dict())
-  if config.data.folder:
-    photos = data.load_folder(config.data.folder)
-  else:
-    photos = {k: data.load_image(p) for k, p in data.builtin_photos().items()}
-  tr, ev = data.split(photos, tuple(config.data.eval_names))
+  tr, ev = _photos(config.data)
   if config.data.eval_crop:
     c = config.data.eval_crop
     ev = {k: v[:c, :c] for k, v in ev.items()}

@@ -53,6 +53,21 @@ def _from_checkpoint(workdir: str, config_path: str):
   return codec_lib.Codec.from_params(cfg, jax.device_get(state.params))
 
 
+def estimate_bits(cod, img) -> float:
+  """The model's own rate for an image: -sum log2 P(y^) - sum log2 P(z^)
+  at test-time rounding (what the coder should approach; the file adds the
+  header, per-stream framing and the scale-table snapping)."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  h, w = img.shape[:2]
+  x = np.pad(img, ((0, -h % codec_lib.PAD), (0, -w % codec_lib.PAD), (0, 0)),
+             mode="edge")
+  out = cod.model.apply({"params": cod.params},
+                        jnp.asarray(x[None] / 255.0, jnp.float32), None, False)
+  return float(-(jnp.sum(jnp.log2(out["y_lik"]))
+                 + jnp.sum(jnp.log2(out["z_lik"]))))
+
+
 def _model_id_of(blob: bytes) -> bytes:
   """The 8-byte model id of a .jlic file (after magic and version byte)."""
   if len(blob) < 13 or blob[:4] != codec_lib.MAGIC:
@@ -130,7 +145,8 @@ def cmd_rd(args) -> int:
     cod = pretrained.load(n)
     points.append(rd.LearnedPoint(
         n, lambda img, c=cod: codec_lib.compress(c, img)[0],
-        lambda b, c=cod: codec_lib.decompress(c, b)))
+        lambda b, c=cod: codec_lib.decompress(c, b),
+        lambda img, c=cod: estimate_bits(c, img)))
   res = rd.run_rd(images, {"hyperprior (shipped)": points},
                   anchors=tuple(args.anchors.split(",")))
   files = rd.write_report(res, args.out)

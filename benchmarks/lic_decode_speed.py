@@ -38,25 +38,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlib_models.core.timing import median_time
 from PIL import Image
 
 from jaxlib_models.compression import codec, data, entropy, hyperprior
-
-
-def _median_time(fn, reps):
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def _image(w, h):
@@ -128,10 +119,10 @@ def _time_codec(name, cod, img, reps, skip=None):
     raise AssertionError(f"{name}: decoded image differs from the encoder's")
   y_dec = _y_decode_fn(cod, blob)
   y_dec()
-  enc_s = _median_time(lambda: codec.compress(cod, img, skip_channels=skip),
+  enc_s = median_time(lambda: codec.compress(cod, img, skip_channels=skip),
                        reps)
-  dec_s = _median_time(lambda: codec.decompress(cod, blob), reps)
-  ydec_s = _median_time(y_dec, reps)
+  dec_s = median_time(lambda: codec.decompress(cod, blob), reps)
+  ydec_s = median_time(y_dec, reps)
   h, w = img.shape[:2]
   row = {"encode_s": enc_s, "decode_s": dec_s, "y_decode_s": ydec_s,
          "bytes": len(blob), "bpp": 8 * len(blob) / (h * w)}

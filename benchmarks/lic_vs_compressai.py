@@ -31,23 +31,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _median(fn, reps):
-  fn()
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+from jaxlib_models.core.timing import median_time
 
 
 def main(argv=None) -> int:
@@ -84,10 +74,10 @@ def main(argv=None) -> int:
   blob, _ = codec.compress(ours, img)
   res = {"photo": args.photo, "size": [h, w], "N": args.N, "M": args.M,
          "load": load, "jax": jax.__version__, "torch": torch.__version__,
-         "ours": {"encode_s": _median(lambda: codec.compress(ours, img),
-                                      args.reps),
-                  "decode_s": _median(lambda: codec.decompress(ours, blob),
-                                      args.reps),
+         "ours": {"encode_s": median_time(lambda: codec.compress(ours, img),
+                                      args.reps, 1),
+                  "decode_s": median_time(lambda: codec.decompress(ours, blob),
+                                      args.reps, 1),
                   "bytes": len(blob)}}
 
   torch.manual_seed(0)
@@ -97,9 +87,9 @@ def main(argv=None) -> int:
   with torch.no_grad():
     out = net.compress(x)
     res["compressai"] = {
-        "encode_s": _median(lambda: net.compress(x), args.reps),
-        "decode_s": _median(lambda: net.decompress(out["strings"],
-                                                   out["shape"]), args.reps),
+        "encode_s": median_time(lambda: net.compress(x), args.reps, 1),
+        "decode_s": median_time(lambda: net.decompress(out["strings"],
+                                                       out["shape"]), args.reps, 1),
         "bytes": sum(len(s[0]) for s in out["strings"])}
   for k in ("encode_s", "decode_s"):
     res[f"ratio_{k[:-2]}"] = res["compressai"][k] / res["ours"][k]

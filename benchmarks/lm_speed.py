@@ -42,30 +42,19 @@ import functools
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlib_models.core.timing import median_time
 import torch
 import transformers
 
 from jaxlib_models.decoding import data as data_lib
 from jaxlib_models.lm import forward, loaders, registry
 from jaxlib_models.lm.generate import GenStream, generate
-
-
-def _median_time(fn, reps, warmup):
-  for _ in range(warmup):
-    fn()
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
 
 
 def non_embedding_params(cfg) -> int:
@@ -90,9 +79,9 @@ def matmul_rates(n, reps):
   b = rng.standard_normal((n, n), np.float32)
   ja, jb = jnp.asarray(a), jnp.asarray(b)
   mm = jax.jit(lambda x, y: x @ y)
-  t_j = _median_time(lambda: mm(ja, jb).block_until_ready(), reps, 2)
+  t_j = median_time(lambda: mm(ja, jb).block_until_ready(), reps, 2)
   ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  t_t = _median_time(lambda: torch.matmul(ta, tb), reps, 2)
+  t_t = median_time(lambda: torch.matmul(ta, tb), reps, 2)
   return 2 * n ** 3 / t_j, 2 * n ** 3 / t_t
 
 
@@ -110,10 +99,10 @@ def bench_prefill(cfg, params, hf, b, t, reps):
 
   rows = {}
   for mode, keep in (("last", 1), ("all", 0)):
-    t_ours = _median_time(
+    t_ours = median_time(
         lambda m=mode: ours(params, jids, m).block_until_ready(), reps, 2)
     with torch.no_grad():
-      t_hf = _median_time(
+      t_hf = median_time(
           lambda k=keep: hf(input_ids=tids, logits_to_keep=k, use_cache=False),
           reps, 1)
     rows[mode] = (t_ours, t_hf,
@@ -144,8 +133,8 @@ def bench_decode(cfg, params, hf, tok, b, n_prompt, n_new, reps):
                          max_new_tokens=n_new, min_new_tokens=n_new,
                          use_cache=True, pad_token_id=cfg.eos_token_id)
 
-  t_ours = _median_time(ours, reps, 1)
-  t_hf = _median_time(theirs, reps, 1)
+  t_ours = median_time(ours, reps, 1)
+  t_hf = median_time(theirs, reps, 1)
   a = ours()[0]
   h = theirs()[0, n_prompt:].tolist()
   same = next((i for i, (x, y) in enumerate(zip(a, h)) if x != y),

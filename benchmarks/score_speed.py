@@ -47,31 +47,20 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxlib_models.core.timing import median_time
 
 from jaxlib_models.score import estimators
 
 # Dense float32 (non-tensor-core) peaks, FLOP/s, from vendor spec sheets
 # (unverified); keyed by a substring of jax's device_kind.
 _FP32_PEAK = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L4": 30.3e12}
-
-
-def _median_time(fn, reps, warmup=2):
-  for _ in range(warmup):
-    fn()
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def numpy_dense_score(x_MD, X_ND, t):
@@ -171,7 +160,7 @@ def child(kind, n, d, m, t, reps):
   extra = _peak_rss() - rss_data
   rss_warm = _vm("VmRSS")
   reset = _reset_peak() and reset
-  secs = _median_time(run, reps, warmup=0)
+  secs = median_time(run, reps, warmup=0)
   extra_calls = _peak_rss() - rss_warm
   print(json.dumps({
       "kind": kind, "n": n, "d": d, "m": m, "s_per_call": secs,
@@ -213,14 +202,15 @@ def speed(args, res):
   x_MD, X_ND = make_data(args.n, args.d, args.m)
   xj, Xj, tj = jnp.asarray(x_MD), jnp.asarray(X_ND), jnp.float32(args.t)
   f = _ours_fn("xla")
-  t_ours = _median_time(
-      lambda: f(xj, Xj, tj).score_MD.block_until_ready(), args.reps)
+  t_ours = median_time(
+      lambda: f(xj, Xj, tj).score_MD.block_until_ready(), args.reps, 2)
   f_direct = _ours_fn("xla", "direct")
-  t_direct = _median_time(
-      lambda: f_direct(xj, Xj, tj).score_MD.block_until_ready(), args.reps)
-  t_np = _median_time(lambda: numpy_dense_score(x_MD, X_ND, args.t),
+  t_direct = median_time(
+      lambda: f_direct(xj, Xj, tj).score_MD.block_until_ready(), args.reps,
+      2)
+  t_np = median_time(lambda: numpy_dense_score(x_MD, X_ND, args.t),
                       args.np_reps, warmup=1)
-  t_tb = _median_time(lambda: numpy_textbook_score(x_MD, X_ND, args.t),
+  t_tb = median_time(lambda: numpy_textbook_score(x_MD, X_ND, args.t),
                       max(1, args.np_reps // 2), warmup=0)
   s_ours = np.asarray(f(xj, Xj, tj).score_MD)
   s_direct = np.asarray(f_direct(xj, Xj, tj).score_MD)
@@ -306,8 +296,8 @@ def gpu(args, res):
     outs = {}
     for impl in ("pallas", "xla"):
       f = functools.partial(_ours_fn(impl), xj, Xj, tj)
-      s = _median_time(lambda f=f: f().score_MD.block_until_ready(),
-                       args.reps)
+      s = median_time(lambda f=f: f().score_MD.block_until_ready(),
+                      args.reps, 2)
       outs[impl] = np.asarray(f().score_MD)
       pairs = args.m * n / s
       fl = pairs * flops_pair

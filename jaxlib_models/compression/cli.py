@@ -68,15 +68,6 @@ def estimate_bits(cod, img) -> float:
                  + jnp.sum(jnp.log2(out["z_lik"]))))
 
 
-def _model_id_of(blob: bytes) -> bytes:
-  """The 8-byte model id of a .jlic file (after magic and version byte)."""
-  if len(blob) < 13 or blob[:4] != codec_lib.MAGIC:
-    raise codec_lib.FormatError(
-        f"not a .jlic file (starts with {blob[:4]!r}, expected"
-        f" {codec_lib.MAGIC!r})")
-  return blob[5:13]
-
-
 def cmd_encode(args) -> int:
   img = data.load_image(args.input)
   cod = _codec_from_args(args)
@@ -103,7 +94,7 @@ def cmd_decode(args) -> int:
   elif args.model:
     cod = pretrained.load(args.model)
   else:
-    mid = _model_id_of(blob)
+    mid = codec_lib.model_id_of(blob)
     name = pretrained.find_by_id(mid)
     if name is None:
       raise SystemExit(

@@ -205,6 +205,15 @@ def _check_model(codec: Codec, mid: bytes) -> None:
                       "that encoded it")
 
 
+def model_id_of(data: bytes) -> bytes:
+  """The 8-byte model id of a .jlic file (both versions keep it right after
+  magic and version), so a reader can pick the model that wrote it."""
+  if len(data) < 13 or data[:4] != MAGIC:
+    raise FormatError(f"not a .jlic file (starts with {data[:4]!r}, "
+                      f"expected {MAGIC!r})")
+  return data[5:13]
+
+
 def _parse(codec: Codec, data: bytes):
   """(h, w, zh, zw, occupancy or None, z bytes, y bytes) after checking
   every header field."""

@@ -25,8 +25,6 @@ import os
 import numpy as np
 from PIL import Image
 
-_SKIMAGE = ("astronaut.png", "coffee.png", "chelsea.png",
-            "motorcycle_left.png", "rocket.jpg")
 
 
 def load_image(path: str) -> np.ndarray:
@@ -41,28 +39,16 @@ def load_image(path: str) -> np.ndarray:
 
 
 def builtin_photos() -> dict[str, str]:
-  """name -> path of the photographs found in installed packages."""
+  """name -> path of the evaluation-set photos found in installed packages
+  (those of a missing package are left out)."""
   out = {}
-  import matplotlib  # noqa: PLC0415
-  import sklearn  # noqa: PLC0415
-
-  sk = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
-  for f in ("china.jpg", "flower.jpg"):
-    if os.path.exists(os.path.join(sk, f)):
-      out[os.path.splitext(f)[0]] = os.path.join(sk, f)
-  mpl = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data",
-                     "sample_data", "grace_hopper.jpg")
-  if os.path.exists(mpl):
-    out["grace_hopper"] = mpl
-  try:
-    import skimage  # noqa: PLC0415
-
-    d = os.path.join(os.path.dirname(skimage.__file__), "data")
-    for f in _SKIMAGE:
-      if os.path.exists(os.path.join(d, f)):
-        out[os.path.splitext(f)[0]] = os.path.join(d, f)
-  except ImportError:
-    pass
+  for name, pkg, f in EVAL_SET:
+    try:
+      path = os.path.join(_package_dir(pkg), f)
+    except ImportError:
+      continue
+    if os.path.exists(path):
+      out[name] = path
   return out
 
 

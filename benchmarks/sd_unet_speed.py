@@ -11,6 +11,9 @@ full-size parity check (max abs difference printed). Speed does not depend
 on weight values. Inputs: latents (B, size/8, size/8, 4), the StreamV2V slot
 timesteps [399, 299, 199, 99] (cycled), text states (B, 77, 768).
 
+XLA_FLAGS defaults to `--xla_cpu_use_xnnpack=true` when unset (about 8 %
+faster on this UNet; `--no-xla-flags` to measure without).
+
 diffusers: `torch.inference_mode()`, default SDPA attention,
 `torch.set_num_threads(os.cpu_count())`; ours: one jitted `apply` (XLA
 attention). One untimed warm-up each (our compile time is printed apart),
@@ -25,6 +28,12 @@ import json
 import os
 import platform
 import time
+
+# XLA:CPU runs this UNet ~8 % faster with XNNPACK (measured 11.2 vs 12.1 s on
+# 2 cores); set before jax is imported, and only when the user set no flags.
+CPU_FLAGS = "--xla_cpu_use_xnnpack=true"
+if "--no-xla-flags" not in os.sys.argv:
+  os.environ.setdefault("XLA_FLAGS", CPU_FLAGS)
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +60,8 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float32",
                   choices=["float32", "bfloat16"], help="our compute dtype")
   ap.add_argument("--json", default=None, help="write the figures here")
+  ap.add_argument("--no-xla-flags", action="store_true",
+                  help=f"do not default XLA_FLAGS to {CPU_FLAGS!r}")
   args = ap.parse_args(argv)
   if args.size % 64:
     ap.error(f"--size {args.size} must be a multiple of 64")
@@ -108,6 +119,7 @@ def main(argv=None):
   res = dict(
       benchmark="sd15_unet_step", size=args.size, batch=b,
       dtype_ours=args.dtype, dtype_ref="float32", params=n_params,
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
       ours_s=t_ours, diffusers_s=t_ref, speedup=t_ref / t_ours,
       ours_compile_s=t_compile, convert_s=t_convert,
       max_abs_diff=diff, out_max_abs=scale,

@@ -34,7 +34,13 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-IMPLS = ("auto", "reference", "xla", "cudnn")
+IMPLS = ("auto", "reference", "xla", "cudnn", "blocked", "pallas")
+# "auto" on CPU switches to the blocked path from this many logits per
+# (batch, head) on: measured on 2 CPU cores at SD's 4096 x 4096 self-attention
+# (B 4, C 320, 8 heads) it takes 0.35 s against 4.9 s for XLA's fused
+# dot_product_attention and 0.64 s for PyTorch's SDPA.
+BLOCKED_MIN_LOGITS = 256 * 256
+Q_BLOCK = 512  # Query rows per block of the blocked path.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,14 +91,58 @@ def _reference(q, k, v, mask):
       q.dtype)
 
 
-def _pick_impl(impl: str, dtype, masked: bool) -> str:
+def _blocked(q, k, v, mask, q_block: int = Q_BLOCK):
+  """Attention one (batch, head, query block) at a time (CPU).
+
+  Every block's logits (q_block x M) stay cache-sized instead of one
+  (B, H, N, M) array streamed through memory several times; the keys are not
+  blocked (no online softmax needed), so the result equals the plain path.
+  """
+  b, n, h, d = q.shape
+  m = k.shape[1]
+  qb = min(q_block, n)
+  pad = (-n) % qb
+  qf = q.astype(jnp.float32) * d ** -0.5
+  if pad:
+    qf = jnp.pad(qf, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  nb = (n + pad) // qb
+  qh = qf.transpose(0, 2, 1, 3).reshape(b * h, nb, qb, d)
+  kh = k.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h, m, d)
+  vh = v.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * h, m, d)
+  if mask is None:
+    mh = jnp.ones((b * h, m), bool)
+  else:
+    mh = jnp.repeat(mask, h, axis=0)
+
+  def one(args):
+    qq, kk, vv, mm = args
+
+    def blk(qblk):
+      # Normalise the (q_block, d) output instead of the (q_block, M)
+      # probabilities: one pass less over the big block (0.34 vs 0.38 s at
+      # SD's 4096 tokens on 2 cores).
+      s = jnp.where(mm[None, :], qblk @ kk.T, -jnp.inf)
+      e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+      return (e @ vv) / e.sum(axis=-1, keepdims=True)
+
+    return jax.lax.map(blk, qq)
+
+  out = jax.lax.map(one, (qh, kh, vh, mh))
+  out = out.reshape(b, h, nb * qb, d)[:, :, :n].transpose(0, 2, 1, 3)
+  return out.astype(q.dtype)
+
+
+def _pick_impl(impl: str, dtype, masked: bool, n: int, m: int) -> str:
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r}: choose one of {IMPLS}")
   if impl != "auto":
     return impl
-  if (jax.default_backend() == "gpu" and not masked
+  backend = jax.default_backend()
+  if (backend == "gpu" and not masked
       and dtype in (jnp.bfloat16, jnp.float16)):
     return "cudnn"
+  if backend == "cpu" and n * m >= BLOCKED_MIN_LOGITS:
+    return "blocked"
   return "xla"
 
 
@@ -109,13 +159,23 @@ def attend(q: Array, k_self: Array, v_self: Array,
     heads: number of heads H (C = H * K).
     include_self: attend over k_self/v_self too.
     extra_valid: (B, M) or (M,) bool; False slots are ignored. None: all valid.
-    impl: "auto" (cuDNN flash on GPU for 16-bit unmasked inputs, else XLA),
-      "reference" (plain jnp), "xla" or "cudnn" (jax.nn.dot_product_attention).
+    impl: "auto" (GPU: cuDNN flash for 16-bit unmasked inputs, else XLA;
+      CPU: "blocked" for large token counts, else XLA), "reference" (plain
+      jnp), "xla" or "cudnn" (jax.nn.dot_product_attention), "blocked"
+      (one (batch, head, 512-query block) at a time; `_blocked`), "pallas"
+      (kernels/bank_attention's Triton kernel, falling back to its chunked
+      XLA path off GPU; opt-in until measured on a GPU).
 
   Returns:
     (B, N, C) in q's dtype (heads merged, before the output projection).
   """
   b, n, c = q.shape
+  if impl == "pallas":  # opt-in: the kernel is not measured on a GPU yet
+    from jaxlib_models.kernels.bank_attention import api as bank_api  # pylint: disable=g-import-not-at-top
+    return bank_api.bank_attention(
+        q, k_self, v_self, k_extra, v_extra, heads=heads,
+        include_self=include_self, extra_valid=extra_valid,
+        implementation=("pallas", "xla"))
   if k_extra is None:
     if not include_self:
       raise ValueError("include_self=False without extra keys: nothing to"
@@ -142,9 +202,11 @@ def attend(q: Array, k_self: Array, v_self: Array,
       keys, vals = k_extra.astype(q.dtype), v_extra.astype(q.dtype)
       mask = extra_valid
   qh, kh, vh = _split(q, heads), _split(keys, heads), _split(vals, heads)
-  which = _pick_impl(impl, q.dtype, mask is not None)
+  which = _pick_impl(impl, q.dtype, mask is not None, n, keys.shape[1])
   if which == "reference":
     out = _reference(qh, kh, vh, mask)
+  elif which == "blocked":
+    out = _blocked(qh, kh, vh, mask)
   else:
     m4 = None if mask is None else mask[:, None, None, :]
     if which == "cudnn" and m4 is not None:

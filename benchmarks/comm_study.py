@@ -168,9 +168,9 @@ def report(results: list[dict], out: str, steps: int) -> None:
 
   base = next((r for r in results if r["name"] == "none"), None)
   lines = [
-      f"| variant | held-out loss (nats/byte) | vs exact | payload B/step |"
-      f" fewer payload bytes | ring B/step | fewer ring bytes | syncs |"
-      f" goal |",
+      "| variant | held-out loss (nats/byte) | vs exact | payload B/step |"
+      " fewer payload bytes | ring B/step | fewer ring bytes | syncs |"
+      " goal |",
       "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
   rows = []
   for r in results:

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxlib_models.compression import (bdrate, codec, data, distill,
-                                       pretrained, train)
+                                       pretrained)
 from jaxlib_models.core import io, trainer
 
 

@@ -31,7 +31,6 @@ Record the output (card named) in benchmarks/RESULTS.md.
 """
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics

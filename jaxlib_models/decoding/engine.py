@@ -24,7 +24,6 @@ of programs.
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp

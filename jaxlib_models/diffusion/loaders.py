@@ -101,47 +101,58 @@ def _with_dtype(cfg, dtype: str | None):
   return cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype)
 
 
-def load_unet(folder: str, *, loras: Sequence[str] = (),
-              lora_scales: Sequence[float] = (), dtype: str | None = None,
-              cache: bool = True) -> tuple[unet_lib.UNetConfig, Any]:
-  """A diffusers `UNet2DConditionModel` folder -> (config, params).
+def _load_component(folder: str, class_name: str, config_cls, abstract_fn,
+                    *, literal=frozenset(), dtype: str | None = None,
+                    loras: Sequence[str] = (),
+                    lora_scales: Sequence[float] = (), cache: bool = True):
+  """One diffusers model folder -> (config, params), LoRAs fused, cached.
 
   Args:
-    folder: `config.json` + `diffusion_pytorch_model.safetensors` (or shards).
-    loras: LoRA files fused in order (kohya or PEFT keys).
-    lora_scales: strength of each LoRA (default 1.0).
+    folder: `config.json` + `diffusion_pytorch_model.safetensors` (or
+      shards).
+    class_name: the diffusers class the folder must hold (`_class_name`).
+    config_cls: our config dataclass (with `from_diffusers_dict`).
+    abstract_fn: config -> abstract parameter tree.
+    literal: see `convert.path_to_torch_key`.
     dtype: compute dtype of the returned config (params stay float32).
+    loras, lora_scales: LoRA files fused in order (UNet only), strengths.
     cache: use the converted-params cache.
   """
-  d, path = _read_config(folder, ("UNet2DConditionModel",))
-  cfg = _with_dtype(unet_lib.UNetConfig.from_diffusers_dict(d, source=path),
-                    dtype)
+  d, path = _read_config(folder, (class_name,))
+  cfg = _with_dtype(config_cls.from_diffusers_dict(d, source=path), dtype)
   files = convert._safetensor_files(os.fspath(folder))  # pylint: disable=protected-access
 
   def build():
     state = convert.read_safetensors_folder(folder)
-    state = _fuse(state, loras, lora_scales, "unet", unet_config=d)
-    return unet_lib.unet_params_from_state(cfg, state, source=folder)
+    if loras:
+      state = _fuse(state, loras, lora_scales, "unet", unet_config=d)
+    return convert.params_from_torch_state(
+        state.__getitem__, state.keys(), abstract_fn(cfg), literal=literal,
+        source=os.fspath(folder))
 
-  params = _cached(list(files) + list(loras),
-                   f"unet:{_lora_tag(loras, lora_scales)}", build, cache)
-  return cfg, params
+  tag = f"{class_name}:{_lora_tag(loras, lora_scales)}"
+  return cfg, _cached(list(files) + list(loras), tag, build, cache)
+
+
+def load_unet(folder: str, *, loras: Sequence[str] = (),
+              lora_scales: Sequence[float] = (), dtype: str | None = None,
+              cache: bool = True) -> tuple[unet_lib.UNetConfig, Any]:
+  """A diffusers `UNet2DConditionModel` folder -> (config, params), with
+  LoRA files fused in order (kohya or PEFT keys; strengths default 1.0)."""
+  return _load_component(
+      folder, "UNet2DConditionModel", unet_lib.UNetConfig,
+      unet_lib.abstract_unet_params, literal=unet_lib.UNET_LITERAL,
+      dtype=dtype, loras=loras, lora_scales=lora_scales, cache=cache)
 
 
 def load_controlnet(folder: str, *, dtype: str | None = None,
                     cache: bool = True):
   """A diffusers `ControlNetModel` folder -> (config, params)."""
   from jaxlib_models.diffusion import controlnet as cn  # pylint: disable=g-import-not-at-top
-  d, path = _read_config(folder, ("ControlNetModel",))
-  cfg = _with_dtype(cn.ControlNetConfig.from_diffusers_dict(d, source=path),
-                    dtype)
-  files = convert._safetensor_files(os.fspath(folder))  # pylint: disable=protected-access
-
-  def build():
-    state = convert.read_safetensors_folder(folder)
-    return cn.controlnet_params_from_state(cfg, state, source=folder)
-
-  return cfg, _cached(files, "controlnet", build, cache)
+  return _load_component(folder, "ControlNetModel", cn.ControlNetConfig,
+                         cn.abstract_controlnet_params,
+                         literal=cn.CONTROLNET_LITERAL, dtype=dtype,
+                         cache=cache)
 
 
 def load_text_encoder(folder: str, *, loras: Sequence[str] = (),
@@ -188,18 +199,19 @@ def text_params_from_state(cfg: clip.CLIPTextConfig, state, *,
                                          abstract, source=source)
 
 
-def load_vae(folder: str, *, dtype: str | None = None):
+def load_vae(folder: str, *, dtype: str | None = None, cache: bool = False):
   """A diffusers `AutoencoderKL` folder -> (config, params)."""
-  _read_config(folder, ("AutoencoderKL",))
-  kw = {} if dtype is None else {"dtype": dtype}
-  return vae_lib.load_vae(folder, **kw)
+  return _load_component(folder, "AutoencoderKL", vae_lib.VAEConfig,
+                         vae_lib.abstract_vae_params, dtype=dtype,
+                         cache=cache)
 
 
-def load_taesd(folder: str, *, dtype: str | None = None):
+def load_taesd(folder: str, *, dtype: str | None = None,
+               cache: bool = False):
   """A diffusers `AutoencoderTiny` folder (madebyollin/taesd)."""
-  _read_config(folder, ("AutoencoderTiny",))
-  kw = {} if dtype is None else {"dtype": dtype}
-  return taesd_lib.load_taesd(folder, **kw)
+  return _load_component(folder, "AutoencoderTiny", taesd_lib.TAESDConfig,
+                         taesd_lib.abstract_taesd_params, dtype=dtype,
+                         cache=cache)
 
 
 def load_tokenizer(folder: str) -> CLIPTokenizer:

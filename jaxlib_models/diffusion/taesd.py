@@ -22,8 +22,6 @@ B: batch, H/W: height/width, C: channels, Z: latent channels.
 
 import dataclasses
 import functools
-import json
-import os
 
 import flax.linen as nn
 import jax
@@ -346,38 +344,3 @@ def decode_latents(params, z_scaled: jax.typing.ArrayLike,
 
 
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def load_taesd(folder: str, *, dtype: str | None = None,
-               **overrides) -> tuple[TAESDConfig, dict]:
-  """Loads a diffusers AutoencoderTiny folder (`config.json` + safetensors).
-
-  Args:
-    folder: e.g. a `madebyollin/taesd` snapshot.
-    dtype: compute dtype of the returned config ("float32", "bfloat16",
-      "float16"); None keeps float32. Parameters are float32 either way.
-    **overrides: other config fields diffusers does not store.
-
-  Returns:
-    (config, params).
-
-  Raises:
-    ConversionError: missing, extra or misshapen tensors (named).
-  """
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
-  # Lazy: convert imports the CLIP towers.
-  from jaxlib_models.diffusion import convert
-
-  folder = os.fspath(folder)
-  cfg_path = os.path.join(folder, "config.json")
-  if dtype is not None:
-    overrides["dtype"] = dtype
-  with open(cfg_path) as fh:
-    cfg = TAESDConfig.from_diffusers_dict(json.load(fh), source=cfg_path,
-                                          **overrides)
-  path = os.path.join(folder, DIFFUSERS_WEIGHTS_NAME)
-  state = load_file(path)
-  params = convert.params_from_torch_state(
-      state.__getitem__, state.keys(), abstract_taesd_params(cfg), source=path)
-  return cfg, params

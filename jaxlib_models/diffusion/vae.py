@@ -22,8 +22,6 @@ channels.
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -485,42 +483,4 @@ def decode_latents(params, z_scaled: jax.typing.ArrayLike,
   return _decode_latents(_unwrap(params), jnp.asarray(z_scaled), cfg)
 
 
-# --------------------------------------------------------------------------
-# diffusers folders.
-
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def load_vae(folder: str, *, dtype: str | None = None,
-             **overrides) -> tuple[VAEConfig, dict]:
-  """Loads a diffusers AutoencoderKL folder (`config.json` + safetensors).
-
-  Args:
-    folder: e.g. an SD checkpoint's `vae/` folder.
-    dtype: compute dtype of the returned config ("float32", "bfloat16",
-      "float16"); None keeps float32. Parameters are float32 either way.
-    **overrides: other config fields diffusers does not store.
-
-  Returns:
-    (config, params).
-
-  Raises:
-    ConversionError: missing, extra or misshapen tensors (named).
-  """
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-
-  # Lazy: convert imports the CLIP towers.
-  from jaxlib_models.diffusion import convert
-
-  folder = os.fspath(folder)
-  cfg_path = os.path.join(folder, "config.json")
-  if dtype is not None:
-    overrides["dtype"] = dtype
-  with open(cfg_path) as fh:
-    cfg = VAEConfig.from_diffusers_dict(json.load(fh), source=cfg_path,
-                                        **overrides)
-  path = os.path.join(folder, DIFFUSERS_WEIGHTS_NAME)
-  state = load_file(path)
-  params = convert.params_from_torch_state(
-      state.__getitem__, state.keys(), abstract_vae_params(cfg), source=path)
-  return cfg, params

@@ -10,9 +10,7 @@ n. Everything on the truth side is float64 (jax_enable_x64 inside).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp

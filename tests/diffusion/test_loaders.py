@@ -108,8 +108,8 @@ def test_second_load_hits_the_cache(sd_folder, tmp_path, monkeypatch):
   root = sd_folder[0]
   monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "cache"))
   calls = []
-  real = unet_lib.unet_params_from_state
-  monkeypatch.setattr(unet_lib, "unet_params_from_state",
+  real = convert.params_from_torch_state
+  monkeypatch.setattr(convert, "params_from_torch_state",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   _, p1 = loaders.load_unet(str(root / "unet"))
   _, p2 = loaders.load_unet(str(root / "unet"))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlib_models.diffusion import convert, taesd
+from jaxlib_models.diffusion import convert, loaders, taesd
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -111,7 +111,7 @@ def test_matches_diffusers_encode_decode_forward(tmp_path, kw):
   assert _max_diff(lat_s, (_nhwc(lat) - b) * s) <= TOL
   assert _max_diff(taesd.decode_latents(params, (z - b) * s, cfg),
                    _nhwc(dec)) <= TOL
-  cfg2, params2 = taesd.load_taesd(tmp_path, dtype="float16")
+  cfg2, params2 = loaders.load_taesd(str(tmp_path), dtype="float16")
   assert cfg2 == dataclasses.replace(cfg, dtype="float16")
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlib_models.diffusion import convert, vae
+from jaxlib_models.diffusion import convert, loaders, vae
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -110,7 +110,7 @@ def test_matches_diffusers_encode_decode_reconstruct(tmp_path):
   assert _max_diff(vae.decode_latents(params, z * cfg.scaling_factor, cfg),
                    _nhwc(dec)) <= TOL
   # load_vae reads the same folder into the same tree.
-  cfg2, params2 = vae.load_vae(tmp_path, dtype="bfloat16")
+  cfg2, params2 = loaders.load_vae(str(tmp_path), dtype="bfloat16")
   assert cfg2 == dataclasses.replace(cfg, dtype="bfloat16")
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 

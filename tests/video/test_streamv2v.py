@@ -189,6 +189,7 @@ def test_each_slot_is_renoised_to_the_next_timestep():
                    stream.schedulers.lcm_scalings(cfg.scheduler, ts))
   eps = np.asarray(st.noise, np.float64)
   r = lambda v: v[:, None, None, None]
+  pending = None
   for i, z in enumerate(np.asarray(frames, np.float64)):
     if i == 0:  # priming: every slot holds frame 0 at its timestep
       x = r(a) * z + r(sg) * eps

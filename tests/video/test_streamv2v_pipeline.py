@@ -13,7 +13,6 @@ import os
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
 from jaxlib_models.video import io as vio

@@ -19,7 +19,6 @@ block never forms (-inf) - (-inf).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 

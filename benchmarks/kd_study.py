@@ -15,8 +15,12 @@ Then both are measured on the held-out photos with real .jlic bitstreams
 (bpp from file sizes, PSNR per image then mean), the student's decoder
 multiply-adds at 768x512 against the teacher's, and the student's BD-rate
 against the teacher (pchip over the shipped lambdas). Writes OUT.json and
-OUT.md. Step (iii) (pruning blocks by bypass) is in `distill` and tested,
-but a bypassed decoder has no bitstream format yet, so it is not here.
+OUT.md. Step (iii) (`--prune-steps` > 0): the student's synthesis blocks
+are ranked by the validation R-D loss rise when bypassed
+(`distill.prune_decoder`, 4 training crops), half of them cut, the pruned
+student retrained with g_a/h_a frozen, and written as a standalone model
+(`distill.pruned_model`: the bypass is in its config and .jlic model id)
+whose real bitstreams are measured like the others.
 """
 
 from __future__ import annotations
@@ -49,6 +53,32 @@ def real_point(cod, images) -> dict:
   return {"bpp": float(np.mean(bpp)), "psnr": float(np.mean(psnr))}
 
 
+def prune_step(args, name, lam, t_cfg, teacher, s_cfg, s_params, train_imgs,
+               images) -> dict:
+  """Step (iii) for one model; returns the pruned student's row fields."""
+  c = args.crop
+  x_val = np.stack([im[(im.shape[0] - c) // 2:(im.shape[0] - c) // 2 + c,
+                       (im.shape[1] - c) // 2:(im.shape[1] - c) // 2 + c]
+                    for im in train_imgs[:4]]).astype(np.float32) / 255.0
+  cut, rises = distill.prune_decoder(s_cfg, s_params, x_val, lam,
+                                     keep_fraction=0.5)
+  tc = trainer.TrainConfig(num_steps=args.prune_steps, batch_size=args.batch,
+                           learning_rate=args.lr, log_every=50,
+                           checkpoint_every=100, progress=False)
+  task = distill.make_kd_task(
+      t_cfg, teacher.params, s_cfg, train_imgs, lam, tc, c,
+      distill.retrain_config(distill.KDConfig(teacher_trainable=False), cut),
+      student_params=s_params)
+  state = trainer.train(task, tc, os.path.join(args.workdir,
+                                               name + "-pruned"))
+  p_cfg, p_params = distill.pruned_model(
+      s_cfg, jax.device_get(state.params["student"]), cut)
+  pruned = codec.Codec.from_params(p_cfg, p_params)
+  return {"pruned_cut": list(cut), "pruned_rises": rises,
+          "pruned": real_point(pruned, images),
+          "pruned_dec_macs": distill.decoder_flops(p_cfg, 512, 768)}
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,6 +87,8 @@ def main(argv=None) -> int:
   p.add_argument("--crop", type=int, default=128)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--lr", type=float, default=1e-4)
+  p.add_argument("--prune-steps", type=int, default=0,
+                 help="step (iii) retraining steps (0: no pruning)")
   p.add_argument("--out", default="benchmarks/kd_study")
   p.add_argument("--workdir", default="runs/kd_study")
   p.add_argument("--photos", default="all",
@@ -85,6 +117,10 @@ def main(argv=None) -> int:
            "student": real_point(student, images),
            "teacher_dec_macs": distill.decoder_flops(t_cfg, 512, 768),
            "student_dec_macs": distill.decoder_flops(s_cfg, 512, 768)}
+    if args.prune_steps > 0:
+      row.update(prune_step(args, name, rec["lambda"], t_cfg, teacher,
+                            s_cfg, jax.device_get(state.params["student"]),
+                            train_imgs, images))
     rows.append(row)
     print(f"{name}: teacher {row['teacher']}, student {row['student']},"
           f" decoder MACs {row['student_dec_macs'] / row['teacher_dec_macs']:.3f}"
@@ -97,12 +133,23 @@ def main(argv=None) -> int:
   except ValueError as e:  # e.g. no PSNR overlap: say so, keep the table
     bd = {"value": float("nan"), "lo": float("nan"), "hi": float("nan"),
           "overlap": 0.0, "error": str(e)}
+  bd_p = None
+  if rows and "pruned" in rows[0]:
+    try:
+      bd_p = bdrate.bd_rate([r["teacher"]["bpp"] for r in rows],
+                            [r["teacher"]["psnr"] for r in rows],
+                            [r["pruned"]["bpp"] for r in rows],
+                            [r["pruned"]["psnr"] for r in rows]).as_dict()
+    except ValueError as e:
+      bd_p = {"value": float("nan"), "error": str(e)}
   res = {"rows": rows, "bd_rate_student_vs_teacher": bd,
+         "bd_rate_pruned_vs_teacher": bd_p,
          "images": sorted(images), "seconds": time.perf_counter() - t0,
          "args": vars(args)}
   io.write_json(args.out + ".json", res)
   lines = ["# KD study: half-width decoder students of the shipped codecs",
            "", f"Command: `python benchmarks/kd_study.py --steps {args.steps}"
+           f" --prune-steps {args.prune_steps}"
            f" --crop {args.crop} --batch {args.batch}`; held-out photos:"
            f" {len(images)}; real .jlic bitstreams.", "",
            "| model | lambda | teacher bpp | teacher PSNR | student bpp |"
@@ -122,6 +169,19 @@ def main(argv=None) -> int:
     lines += ["", f"BD-rate of the student against the teacher (pchip,"
               f" PSNR): **{b['value']:+.2f} %** over [{b['lo']:.2f},"
               f" {b['hi']:.2f}] dB (overlap {b['overlap']:.2f})."]
+  if bd_p is not None:
+    lines += ["", "Step (iii), pruned students (real .jlic files of the"
+              " standalone pruned model):", "",
+              "| model | cut | bpp | PSNR | decoder MACs / teacher |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+      lines.append(
+          f"| {r['model']} | {', '.join(r['pruned_cut'])} |"
+          f" {r['pruned']['bpp']:.4f} | {r['pruned']['psnr']:.2f} |"
+          f" {r['pruned_dec_macs'] / r['teacher_dec_macs']:.3f} |")
+    lines += ["", "BD-rate of the pruned students against the teacher: "
+              + (f"not computable ({bd_p['error']})." if "error" in bd_p
+                 else f"**{bd_p['value']:+.2f} %**.")]
   io.write_text(args.out + ".md", "\n".join(lines) + "\n")
   print("\n".join(lines))
   return 0

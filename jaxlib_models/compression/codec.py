@@ -83,6 +83,11 @@ class Codec:
 
   @classmethod
   def from_params(cls, cfg: hyperprior.HyperpriorConfig, params) -> "Codec":
+    stale = [b for b in cfg.synthesis_bypass if b in params]
+    if stale:
+      raise ValueError(
+          f"params hold weights of the bypassed stages {stale}; a pruned"
+          " model stores none (use distill.prune_params(params, bypass))")
     model = hyperprior.Hyperprior(cfg)
     eb = bottleneck.EntropyBottleneck(cfg.N)
     z_table, med = bottleneck.coding_table(eb, params["entropy_bottleneck"])

@@ -148,6 +148,9 @@ class _Tap:
     return feats
 
 
+SYNTHESIS_ORDER = hyperprior.SYNTHESIS_BYPASSABLE
+
+
 def _model(cfg, model):
   return model if model is not None else hyperprior.Hyperprior(cfg)
 
@@ -489,6 +492,26 @@ def prune_decoder(cfg, params, x_val, lam: float, keep_fraction: float = 0.5,
     cut = sorted(blocks, key=rises.get)[:n_cut]
   order = [b for b in blocks if b in cut]  # Call order, for readability.
   return tuple(order), rises
+
+
+def prune_params(params: Mapping, bypass: Sequence[str]) -> dict:
+  """The parameter tree of a pruned student: bypassed stages removed."""
+  unknown = [b for b in bypass if b not in params]
+  if unknown:
+    raise ValueError(f"bypass {unknown}: no such stage in the params (have"
+                     f" {sorted(k for k in params if k.startswith('g_s'))})")
+  return {k: v for k, v in params.items() if k not in set(bypass)}
+
+
+def pruned_model(cfg, params, bypass: Sequence[str]):
+  """(config, params) of the pruned student as a standalone model: the
+  bypass is part of the config (and of the .jlic model id), the bypassed
+  stages' weights are gone; `codec.Codec.from_params` writes real files."""
+  bypass = tuple(b for b in SYNTHESIS_ORDER if b in set(bypass)) + tuple(
+      b for b in bypass if b not in SYNTHESIS_ORDER)
+  new_cfg = dataclasses.replace(
+      cfg, synthesis_bypass=tuple(cfg.synthesis_bypass) + bypass)
+  return new_cfg, prune_params(params, bypass)
 
 
 def rd_point(cfg, params, images, bypass: Sequence[str] = (),

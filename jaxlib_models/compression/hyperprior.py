@@ -29,6 +29,10 @@ from jaxlib_models.compression import (bottleneck, checkerboard, entropy,
 CONTEXTS = ("none", "checkerboard", "serial")
 
 
+# g_s stages whose input and output shapes agree (the IGDNs).
+SYNTHESIS_BYPASSABLE = ("g_s_igdn0", "g_s_igdn1", "g_s_igdn2")
+
+
 @dataclasses.dataclass(frozen=True)
 class HyperpriorConfig:
   """Channel widths, the conditional's family and the context model.
@@ -58,6 +62,11 @@ class HyperpriorConfig:
   l1_weight: float = 0.0
   # Width of g_s (distillation students); None = N.
   N_dec: int | None = None
+  # Synthesis stages replaced by the identity (pruned students, KD step
+  # iii); part of the model id, so a pruned decoder has its own .jlic files.
+  # Only shape-preserving stages qualify (`SYNTHESIS_BYPASSABLE`); their
+  # parameters are absent from a pruned model (`distill.prune_params`).
+  synthesis_bypass: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.N < 1 or self.M < 1:
@@ -78,6 +87,12 @@ class HyperpriorConfig:
       raise ValueError(f"{self.l1_weight=} must be >= 0")
     if self.N_dec is not None and self.N_dec < 1:
       raise ValueError(f"{self.N_dec=} must be >= 1 or None")
+    object.__setattr__(self, "synthesis_bypass",
+                       tuple(self.synthesis_bypass))
+    bad = [b for b in self.synthesis_bypass if b not in SYNTHESIS_BYPASSABLE]
+    if bad:
+      raise ValueError(f"synthesis_bypass {bad}: only the shape-preserving"
+                       f" stages {SYNTHESIS_BYPASSABLE} can be bypassed")
 
   @property
   def decoder_width(self) -> int:
@@ -199,7 +214,8 @@ class Hyperprior(nn.Module):
   def synthesis(self, y_BhwM):
     h = y_BhwM
     for layer in self.g_s:
-      h = layer(h)
+      if layer.name not in self.cfg.synthesis_bypass:
+        h = layer(h)
     return h
 
   def hyper_analysis(self, y_BhwM):

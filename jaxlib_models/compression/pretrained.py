@@ -15,6 +15,7 @@ values actually used, so every machine agrees on it).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import os
@@ -57,8 +58,15 @@ def _stem(name: str, folder: str) -> str:
 
 
 def config_of(rec: dict) -> hyperprior.HyperpriorConfig:
-  c = rec["config"]
-  return hyperprior.HyperpriorConfig(N=c["N"], M=c["M"], kind=c["kind"])
+  """The model config of a record: every stored field (context model,
+  families, N_dec, synthesis_bypass, ...), not only N, M and kind."""
+  c = dict(rec["config"])
+  known = {f.name for f in dataclasses.fields(hyperprior.HyperpriorConfig)}
+  unknown = sorted(set(c) - known)
+  if unknown:
+    raise ValueError(f"model config fields {unknown} are unknown to this"
+                     " jaxlib_models (written by a newer version? upgrade)")
+  return hyperprior.HyperpriorConfig(**c)
 
 
 @functools.lru_cache(maxsize=8)

@@ -68,6 +68,18 @@ def flatten_params(params) -> dict[str, np.ndarray]:
           for path, v in flat}
 
 
+def save_model(stem: str, cfg, params, info: dict | None = None) -> None:
+  """`stem.npz` (float16 weights) + `stem.json` (config and `info`), both
+  written atomically; `pretrained.load` reads them back (any config,
+  e.g. a pruned student from `distill.pruned_model`)."""
+  flat = {k: v.astype(np.float16) for k, v in flatten_params(params).items()}
+  buf = __import__("io").BytesIO()
+  np.savez_compressed(buf, **flat)
+  io.write_bytes(stem + ".npz", buf.getvalue())
+  io.write_json(stem + ".json", dict(info or {},
+                                     config=dataclasses.asdict(cfg)))
+
+
 def unflatten_params(arrays: dict, like) -> dict:
   """Inverse of flatten_params onto the structure of `like` (abstract ok)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(like)
@@ -202,13 +214,8 @@ def main(argv=None):
       info["continued_from"] = {k: prev.get(k) for k in (
           "steps", "train_seconds", "device", "batch", "crop", "lr",
           "continued_from")}
-    flat = {k: v.astype(np.float16) for k, v in flatten_params(params).items()}
-    stem = os.path.join(args.out, f"hyperprior_lam{lam:g}")
-    buf = __import__("io").BytesIO()
-    np.savez_compressed(buf, **flat)
-    io.write_bytes(stem + ".npz", buf.getvalue())
-    info["config"] = dataclasses.asdict(cfg)
-    io.write_json(stem + ".json", info)
+    save_model(os.path.join(args.out, f"hyperprior_lam{lam:g}"), cfg,
+               params, info)
     fm = info["final_metrics"]
     print(f"lambda {lam:g}: {info['steps']} steps in"
           f" {info['train_seconds']:.0f} s (compile {info['compile_seconds']:.0f} s),"

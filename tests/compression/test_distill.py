@@ -284,3 +284,48 @@ def test_three_step_flow_with_trainer(tmp_path, capsys):
   with pytest.raises(ValueError, match="not bypassable"):
     distill.make_kd_task(TEACHER, teacher, STUDENT, [_image()], LAM, tc,
                          CROP, distill.KDConfig(bypass=("g_s0",)))
+
+
+def test_pruned_student_writes_real_bitstreams(tmp_path):
+  """A pruned student (step iii) is a standalone model: its config carries
+  the bypass (so its .jlic files have their own model id), its params lack
+  the bypassed stages, its decoder equals the bypass-by-interceptor decode
+  used in training, and compress/decompress round-trip bit-exactly."""
+  from jaxlib_models.compression import codec
+  params = _params(STUDENT, 5)
+  bypass = ("g_s_igdn2", "g_s_igdn0")
+  cfg_p, params_p = distill.pruned_model(STUDENT, params, bypass)
+  assert cfg_p.synthesis_bypass == ("g_s_igdn0", "g_s_igdn2")
+  assert not set(bypass) & set(params_p)
+  y = jax.random.normal(jax.random.key(1), (1, 4, 4, 12))
+  want = distill.synthesize(STUDENT, params, y, bypass=bypass)
+  got = hyperprior.Hyperprior(cfg_p).apply({"params": params_p}, y,
+                                           method="synthesis")
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert float(jnp.abs(got - distill.synthesize(STUDENT, params, y)).max()
+               ) > 1e-4
+  full = codec.Codec.from_params(STUDENT, params)
+  pruned = codec.Codec.from_params(cfg_p, params_p)
+  assert pruned.model_id != full.model_id
+  img = _image()[:80, :72]
+  blob, recon = codec.compress(pruned, img)
+  np.testing.assert_array_equal(codec.decompress(pruned, blob), recon)
+  assert codec.model_id_of(blob) == pruned.model_id
+  with pytest.raises(codec.FormatError):
+    codec.decompress(full, blob)  # another model id
+  assert (distill.decoder_flops(cfg_p, 128, 128)
+          < distill.decoder_flops(STUDENT, 128, 128))
+  with pytest.raises(ValueError, match="bypassed stages"):
+    codec.Codec.from_params(cfg_p, params)
+  # Saved in the shipped-model format and loaded back by its config.
+  from jaxlib_models.compression import pretrained, ship
+  folder = tmp_path / "models"
+  folder.mkdir()
+  ship.save_model(str(folder / "hyperprior_lam0.01"), cfg_p, params_p,
+                  {"note": "pruned student"})
+  loaded = pretrained.load("hyperprior-q1", str(folder))
+  assert loaded.model.cfg == cfg_p
+  blob2, recon2 = codec.compress(loaded, img)
+  np.testing.assert_array_equal(codec.decompress(loaded, blob2), recon2)
+  with pytest.raises(ValueError, match="shape-preserving"):
+    hyperprior.HyperpriorConfig(synthesis_bypass=("g_s0",))

@@ -67,6 +67,40 @@ def layer_norm(x: Array, eps: float, name: str) -> Array:
   return y.astype(x.dtype)
 
 
+# On CPU, 3x3 stride-1 convolutions on maps of at most this many pixels run
+# as one im2col matmul: XLA's convolution reaches 158 GFLOP/s at 8x8 x 1280
+# channels on 2 cores, the matmul 403 (same parameters, same function).
+IM2COL_MAX_PIXELS = 64
+
+
+class Conv2D(nn.Conv):
+  """nn.Conv (same parameters) with an im2col path for small CPU maps."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kh, kw = self.kernel_size
+    small = (x.ndim == 4 and x.shape[1] * x.shape[2] <= IM2COL_MAX_PIXELS
+             and tuple(self.strides) == (1, 1) and kh == kw == 3
+             and jax.default_backend() == "cpu")
+    if not small:
+      return super().__call__(x)
+    c = x.shape[-1]
+    kern = self.param("kernel", self.kernel_init, (kh, kw, c, self.features),
+                      self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,),
+                      self.param_dtype)
+    dt = self.dtype or x.dtype
+    (pt, pb), (pl, pr) = self.padding
+    b, h, w, _ = x.shape
+    xp = jnp.pad(x.astype(dt), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ho, wo = h + pt + pb - kh + 1, w + pl + pr - kw + 1
+    cols = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh)
+                            for j in range(kw)], axis=-1)
+    y = cols.reshape(-1, kh * kw * c) @ kern.astype(dt).reshape(-1,
+                                                              self.features)
+    return y.reshape(b, ho, wo, self.features) + bias.astype(dt)
+
+
 def conv(features: int, kernel: int, name: str, dtype: str, *,
          stride: int = 1, padding: int | None = None,
          zero_init: bool = False) -> nn.Conv:
@@ -76,9 +110,9 @@ def conv(features: int, kernel: int, name: str, dtype: str, *,
   if zero_init:
     kw = dict(kernel_init=nn.initializers.zeros,
               bias_init=nn.initializers.zeros)
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((p, p), (p, p)), dtype=jnp.dtype(dtype),
-                 param_dtype=jnp.float32, name=name, **kw)
+  return Conv2D(features, (kernel, kernel), strides=(stride, stride),
+                padding=((p, p), (p, p)), dtype=jnp.dtype(dtype),
+                param_dtype=jnp.float32, name=name, **kw)
 
 
 def dense(features: int, name: str, dtype: str, *,

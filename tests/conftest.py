@@ -39,3 +39,16 @@ def missing_smollm2():
   if os.environ.get("JAXLIB_MODELS_REQUIRE_ASSETS") == "1":
     pytest.fail(msg, pytrace=False)
   pytest.skip(msg, allow_module_level=True)
+
+
+def missing_asset(msg: str):
+  """Skips a test whose offline asset (a --no-deps wheel the Makefile
+  installs, e.g. open-clip-torch's BPE vocabulary) is absent; under `make
+  test` (JAXLIB_MODELS_REQUIRE_ASSETS=1) fails instead."""
+  import os
+
+  import pytest
+
+  if os.environ.get("JAXLIB_MODELS_REQUIRE_ASSETS") == "1":
+    pytest.fail(msg, pytrace=False)
+  pytest.skip(msg)

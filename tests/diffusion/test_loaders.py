@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import missing_asset
+
 from jaxlib_models.diffusion import (cache, clip, convert, loaders, lora,
                                      single_file)
 from jaxlib_models.diffusion import unet as unet_lib
@@ -57,7 +59,8 @@ def sd_folder(tmp_path_factory):
   try:
     tok = loaders.default_tokenizer()
   except FileNotFoundError:
-    pytest.skip("no bundled CLIP BPE vocabulary (open-clip-torch)")
+    missing_asset("no bundled CLIP BPE vocabulary: pip install --no-deps"
+                  " open-clip-torch==3.3.0")
   tok.save(str(root / "tokenizer"))
   (root / "model_index.json").write_text(json.dumps({
       "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "x"],

@@ -13,6 +13,8 @@ import os
 import numpy as np
 import pytest
 
+from tests.conftest import missing_asset
+
 import jax.numpy as jnp
 
 from jaxlib_models.video import io as vio
@@ -27,7 +29,7 @@ def models():
   try:
     return pl.random_models("tiny")
   except FileNotFoundError as e:
-    pytest.skip(str(e))
+    missing_asset(str(e))
 
 
 def _video(n=8, h=64, w=64):

@@ -50,6 +50,20 @@ VARIANTS = {
     "diloco": ("DiLoCo H=20 (Nesterov outer)",
                {"diloco": {"sync_every": 20},
                 "mesh": {"node": 8, "data": 1}}),
+    # Top-k with DGC's momentum correction and momentum factor masking
+    # (arXiv 1712.01887 sec. 3.2): momentum runs on each device before error
+    # feedback, so the optimizer is plain SGD; clipping is local (DGC).
+    "topk_dgc": ("top-k 1% + EF, DGC momentum correction",
+                 {"comm": {"name": "topk", "ratio": 0.01, "local_momentum": 0.9,
+                           "local_nesterov": True, "momentum_masking": True,
+                           "clip_local": 1.0}},
+                 {"momentum": 0.0, "nesterov": False, "grad_clip": 0.0}),
+    # DiLoCo between 2 islands of 4 devices (exact mean inside an island
+    # every step), outer step = plain averaging of the islands' parameters.
+    "diloco_islands": ("DiLoCo H=20, 2 islands x 4 devices, averaging outer",
+                       {"diloco": {"sync_every": 20, "outer_optimizer": "sgd",
+                                   "outer_lr": 1.0},
+                        "mesh": {"node": 2, "data": 4}}),
 }
 # Optimizer settings shared by every variant of one study (train keys).
 PRESETS = {
@@ -61,7 +75,8 @@ PRESETS = {
     "adamw": dict(lr_schedule="cosine", warmup_steps=30),
 }
 GOALS = {"powersgd": ("bytes", 30.0), "topk": ("bytes", 30.0),
-         "diloco": ("syncs", 20.0)}
+         "topk_dgc": ("bytes", 30.0), "diloco": ("syncs", 20.0),
+         "diloco_islands": ("syncs", 20.0)}
 
 
 def make_config(steps: int, overrides: dict, train_set: dict | None = None):
@@ -129,7 +144,9 @@ def run_variant(name: str, steps: int, workdir: str,
                 train_set: dict | None = None) -> dict:
   from jaxlib_models.lm import entry
 
-  label, overrides = VARIANTS[name]
+  label, overrides, *own_set = VARIANTS[name]
+  if own_set:  # The variant's own optimizer settings on top of the preset's.
+    train_set = {**(train_set or {}), **own_set[0]}
   wd = os.path.join(workdir, name)
   done = os.path.join(wd, "study.json")
   settings = {"steps": steps, "train_set": train_set or {}}

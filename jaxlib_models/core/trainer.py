@@ -92,7 +92,15 @@ class TrainConfig:
               f"train.rules: logical axis {name!r} maps to unknown mesh axes"
               f" {bad}; mesh axes are {mesh_lib.MESH_AXES} (or None to"
               " replicate)")
-    if self.diloco.enabled and self.comm.name != "none":
+    if self.comm.local_momentum > 0 and (self.momentum > 0
+                                         or self.optimizer != "sgd"):
+      raise ValueError(
+          f"comm.local_momentum={self.comm.local_momentum} applies momentum on"
+          " each device before the sync, so the optimizer must be plain SGD:"
+          f" got optimizer={self.optimizer!r}, momentum={self.momentum}; set"
+          " train.optimizer=sgd and train.momentum=0 (or comm.local_momentum=0)")
+    if self.diloco.enabled and (self.comm.name != "none"
+                                or self.comm.local_momentum > 0):
       raise ValueError(
           f"comm.name={self.comm.name!r} with diloco.sync_every>0: DiLoCo syncs"
           " inside a node exactly; compress its outer sync with"
@@ -318,7 +326,7 @@ def plan_parallel(tc: TrainConfig, mesh, lr_scales=None) -> Parallel:
   n = math.prod(mesh.shape[a] for a in mesh_lib.BATCH_AXES)
   comm = None
   if (tc.comm.name != "none" or tc.comm.hierarchical or tc.accum_steps > 1
-      or tc.comm.clip_local > 0):
+      or tc.comm.clip_local > 0 or tc.comm.local_momentum > 0):
     if tc.comm.hierarchical:
       if mesh.shape["fsdp"] > 1:
         raise ValueError("comm.hierarchical syncs over (node, data); set mesh fsdp=1")

@@ -109,6 +109,18 @@ class CommConfig:
   # synced mean instead (train.grad_clip) drops what it cuts from an
   # error-feedback message although the residual counts it as sent.
   clip_local: float = 0.0
+  # Momentum on each device before error feedback and compression (DGC's
+  # momentum correction, arXiv 1712.01887 sec. 3.2): u <- m u + g, and the
+  # compressor sees u (heavy ball) or g + m u (Nesterov) plus the residual.
+  # The optimizer must then add no momentum of its own (train.momentum=0).
+  # With the exact mean this is momentum SGD on the mean gradient; with a
+  # compressor it makes the residual carry the momentum's dropped part too.
+  local_momentum: float = 0.0
+  local_nesterov: bool = False
+  # DGC's momentum factor masking: zero u where this device's message sent a
+  # coordinate (sparsifiers only: top-k, random-k), so a delayed update is
+  # not applied again through the momentum.
+  momentum_masking: bool = False
   # Two axes (outer/slow, inner/fast): reduce-scatter over inner, compressed
   # mean over outer on the shard, all-gather over inner.
   hierarchical: bool = False
@@ -127,6 +139,17 @@ class CommConfig:
                        " 'batched' or 'flat'")
     if self.clip_local < 0:
       raise ValueError(f"comm.clip_local={self.clip_local} must be >= 0")
+    if not 0 <= self.local_momentum < 1:
+      raise ValueError(f"comm.local_momentum={self.local_momentum} must be in [0, 1)")
+    if self.momentum_masking and (self.local_momentum == 0
+                                  or self.name not in ("topk", "randomk")):
+      raise ValueError(
+          "comm.momentum_masking needs comm.local_momentum > 0 and a"
+          f" sparsifier (topk, randomk); got name={self.name!r},"
+          f" local_momentum={self.local_momentum}")
+    if self.momentum_masking and self.hierarchical:
+      raise ValueError("comm.momentum_masking is not supported with"
+                       " comm.hierarchical (the message is a shard)")
     if self.start_iter < 0:
       raise ValueError(f"comm.start_iter={self.start_iter} must be >= 0")
     if self.min_size < 0:
@@ -357,17 +380,24 @@ class Communicator:
         if self.cfg.hierarchical:
           q0 = jnp.broadcast_to(q0, (self.n,) + q0.shape)
         q[leaf.name] = q0
-    return {"step": jnp.zeros((), jnp.int32), "ef": ef, "q": q}
+    state = {"step": jnp.zeros((), jnp.int32), "ef": ef, "q": q}
+    if self.cfg.local_momentum > 0:
+      state["mom"] = {leaf.name: jnp.zeros((self.n,) + leaf.shape, jnp.float32)
+                      for leaf in leaves}
+    return state
 
   def state_specs(self, state) -> dict:
     """P(axis_names) on the leading dim of per-device leaves, P() otherwise."""
     dev = P(self.axis_names)
     q_spec = dev if self.cfg.hierarchical else P()
-    return {
+    specs = {
         "step": P(),
         "ef": {k: dev for k in state["ef"]},
         "q": {k: q_spec for k in state["q"]},
     }
+    if "mom" in state:
+      specs["mom"] = {k: dev for k in state["mom"]}
+    return specs
 
   # ------------------------------------------------------------ the call
 
@@ -396,6 +426,16 @@ class Communicator:
       scale = jnp.minimum(1.0, cfg.clip_local / jnp.maximum(norm, 1e-30))
       g_leaves = [(g * scale).astype(g.dtype) for g in g_leaves]
       stats["comm/local_norm"] = jax.lax.pmean(norm, self.axis_names)
+    dtypes = [g.dtype for g in g_leaves]
+    mom = None
+    if cfg.local_momentum > 0:
+      m = cfg.local_momentum
+      mom, moved = {}, []
+      for leaf, g in zip(leaves, g_leaves):
+        u = m * state["mom"][leaf.name][0] + g.astype(jnp.float32)
+        mom[leaf.name] = u
+        moved.append(g.astype(jnp.float32) + m * u if cfg.local_nesterov else u)
+      g_leaves = moved
     step = state["step"]
     ef = {k: v[0] for k, v in state["ef"].items()}
     q = state["q"]
@@ -404,13 +444,18 @@ class Communicator:
     key = jax.random.fold_in(key, step)
     operands = (g_leaves, ef, q, key)
     if cfg.name == "none" or cfg.start_iter == 0:
-      outs, ef, q = self._all(leaves, *operands, compressed=cfg.name != "none")
+      outs, ef, q, sent = self._all(leaves, *operands,
+                                    compressed=cfg.name != "none")
     else:
-      outs, ef, q = jax.lax.cond(
+      outs, ef, q, sent = jax.lax.cond(
           step >= cfg.start_iter,
           lambda ops: self._all(leaves, *ops, compressed=True),
           lambda ops: self._all(leaves, *ops, compressed=False),
           operands)
+    if cfg.momentum_masking:
+      # DGC's momentum factor masking; `sent` is all False while exact.
+      mom = {k: jnp.where(sent[k], 0.0, u) if k in sent else u
+             for k, u in mom.items()}
     if cfg.name != "none":
       stats["comm/compressing"] = (step >= cfg.start_iter).astype(jnp.float32)
     if ef:
@@ -425,14 +470,17 @@ class Communicator:
         "ef": {k: v[None] for k, v in ef.items()},
         "q": q,
     }
+    if mom is not None:
+      new_state["mom"] = {k: v[None] for k, v in mom.items()}
     mean = jax.tree_util.tree_unflatten(
-        treedef, [o.astype(g.dtype) for o, g in zip(outs, g_leaves)])
+        treedef, [o.astype(dt) for o, dt in zip(outs, dtypes)])
     return mean, new_state, stats
 
   def _all(self, leaves, g_leaves, ef, q, key, *, compressed: bool):
     ef, q = dict(ef), dict(q)
     dev = jax.lax.axis_index(self.axis_names)
     outs = []
+    sent = {}  # Leaf name -> bool mask of the coordinates this device sent.
     for i, (leaf, g) in enumerate(zip(leaves, g_leaves)):
       x = g.astype(jnp.float32)
       k_shared = jax.random.fold_in(key, i)
@@ -448,14 +496,18 @@ class Communicator:
             leaf, p, q.get(leaf.name), k_shared, k_local)
         if e is not None:
           ef[leaf.name] = p - local
+        if self.cfg.momentum_masking:
+          sent[leaf.name] = (local != 0).reshape(leaf.shape)
         if q_new is not None:
           q[leaf.name] = q_new
       else:
         mean = jax.lax.pmean(x, self.comm_axes)
+        if self.cfg.momentum_masking and leaf.compress:
+          sent[leaf.name] = jnp.zeros(leaf.shape, bool)
       if self.cfg.hierarchical:
         mean = self._gather(leaf, mean)
       outs.append(mean.reshape(leaf.shape))
-    return outs, ef, q
+    return outs, ef, q, sent
 
   def _scatter(self, leaf: _Leaf, x):
     """Mean over the inner axis, this device's 1/|inner| shard of it."""

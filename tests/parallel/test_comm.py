@@ -646,3 +646,68 @@ def test_clip_local_clips_each_device_before_error_feedback():
   np.testing.assert_allclose(np.asarray(ef).reshape(8, -1) + sent, w,
                              atol=1e-6)
   assert np.count_nonzero(sent[0]) == round(0.1 * 64 * 32)
+
+
+def test_local_momentum_with_the_exact_mean_is_momentum_sgd():
+  """comm.local_momentum=m with name="none": the output equals momentum
+  (heavy ball or Nesterov) of the mean gradient, as optax.sgd computes it,
+  over 4 steps; the momentum state is per device."""
+  import optax
+  grads_t = [_grads(seed=t, w=(16, 8), b=(30,)) for t in range(4)]
+  for nesterov in (False, True):
+    cfg = comm.CommConfig(local_momentum=0.9, local_nesterov=nesterov)
+    _, step, state = _setup(cfg, grads_t[0])
+    tx = optax.sgd(1.0, momentum=0.9, nesterov=nesterov)
+    mean0 = _exact(grads_t[0])
+    ost = tx.init(mean0)
+    with jax.set_mesh(_mesh(FLAT)):
+      for grads in grads_t:
+        out, state = step(grads, state, jax.random.key(0))[:2]
+        upd, ost = tx.update(_exact(grads), ost)
+        for k in grads:
+          np.testing.assert_allclose(out[k][0], -np.asarray(upd[k]),
+                                     rtol=1e-5, atol=1e-5)
+    mom = np.asarray(state["mom"][next(iter(state["mom"]))])
+    assert mom.shape[0] == 8 and not np.allclose(mom[0], mom[1])
+
+
+def test_dgc_momentum_masking_zeroes_what_was_sent():
+  """top-k with local momentum and masking: u <- m u + g; p = u + e; the
+  message is top-k(p); e <- p - message; u is zeroed where sent (DGC).
+  Re-derived in NumPy over 3 steps; without masking u keeps those entries."""
+  m, k = 0.9, round(0.1 * 512)
+  grads_t = [_grads(seed=t, w=(32, 16)) for t in range(3)]
+  for masking in (True, False):
+    cfg = comm.CommConfig(name="topk", ratio=0.1, local_momentum=m,
+                          momentum_masking=masking)
+    _, step, state = _setup(cfg, grads_t[0])
+    u = np.zeros((8, 512), np.float32)
+    e = np.zeros((8, 512), np.float32)
+    with jax.set_mesh(_mesh(FLAT)):
+      for t, grads in enumerate(grads_t):
+        out, state = step(grads, state, jax.random.key(t))[:2]
+        u = m * u + np.asarray(grads["w"]).reshape(8, -1)
+        p = u + e
+        local = _np_local("topk", p, k, None)
+        e = p - local
+        if masking:
+          u = np.where(local != 0, 0.0, u)
+        np.testing.assert_allclose(np.asarray(out["w"][0]).reshape(-1),
+                                   local.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(next(iter(state["ef"].values()))).reshape(8, -1), e,
+            atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(next(iter(state["mom"].values()))).reshape(8, -1), u,
+            atol=1e-5)
+
+
+def test_local_momentum_config_errors():
+  with pytest.raises(ValueError, match="comm.local_momentum"):
+    comm.CommConfig(local_momentum=1.0)
+  with pytest.raises(ValueError, match="momentum_masking"):
+    comm.CommConfig(name="powersgd", local_momentum=0.9, momentum_masking=True)
+  from jaxlib_models.core import trainer
+  with pytest.raises(ValueError, match="train.momentum=0"):
+    trainer.TrainConfig(optimizer="sgd", momentum=0.9,
+                        comm={"name": "topk", "local_momentum": 0.9})

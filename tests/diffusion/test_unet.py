@@ -114,6 +114,24 @@ def test_unet_matches_diffusers(tmp_path, variant):
         "kernel"].shape == (32, 32)
 
 
+@pytest.mark.oracle
+def test_unet_cpu_fast_paths_match_diffusers(tmp_path, monkeypatch):
+  """The whole UNet with every CPU route of `unet_blocks.Conv2D` forced on
+  at tiny sizes (channel chunks of 16, sub-pixel upsampling from 1 pixel,
+  no im2col) still matches diffusers."""
+  torch = pytest.importorskip("torch")
+  from jaxlib_models.diffusion import unet_blocks
+  monkeypatch.setattr(unet_blocks, "SPLIT_CHUNKS", (16, 16))
+  monkeypatch.setattr(unet_blocks, "SUBPIXEL_MIN_PIXELS", 1)
+  monkeypatch.setattr(unet_blocks, "IM2COL_MAX_PIXELS", 0)
+  ref, cfg, params, _ = _reference(tmp_path)
+  x, t, ctx = _inputs(cfg, 16, 16)
+  with torch.no_grad():
+    want = ref(torch.tensor(x), torch.tensor(t), torch.tensor(ctx)).sample
+  got = jax.jit(lambda p, x, t, c: _apply(cfg, p, x, t, c))(params, x, t, ctx)
+  assert _max_diff(_nchw(got), want.numpy()) <= 1e-4
+
+
 def _block_params(module, abstract):
   state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
   return convert.params_from_torch_state(state.__getitem__, state.keys(),

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlib_models.diffusion import unet_blocks
 from jaxlib_models.diffusion.attention import IMPLS, attend
 
 Array = jax.Array
@@ -222,15 +223,15 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-  """Nearest-neighbour x2, then a 3x3 conv."""
+  """Nearest-neighbour x2, then a 3x3 conv (on CPU as one 2x2 conv of the
+  small map: `unet_blocks.SUBPIXEL_MIN_PIXELS`)."""
 
   cfg: VAEConfig
 
   @nn.compact
   def __call__(self, x_BHWC: Array) -> Array:
-    x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
-    return _conv(x_BHWC.shape[-1], 3, "conv", jnp.dtype(self.cfg.dtype))(
-        x_BHWC)
+    return unet_blocks.conv(x_BHWC.shape[-1], 3, "conv", self.cfg.dtype,
+                            upsample=True)(x_BHWC)
 
 
 class MidAttention(nn.Module):

@@ -141,11 +141,7 @@ class Conv2D(nn.Conv):
     if not small:
       return super().__call__(x)
     c = x.shape[-1]
-    kern = self.param("kernel", self.kernel_init, (kh, kw, c, self.features),
-                      self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,),
-                      self.param_dtype)
-    dt = self.dtype or x.dtype
+    kern, bias, dt = self._kernel_bias(x)
     (pt, pb), (pl, pr) = self.padding
     b, h, w, _ = x.shape
     xp = jnp.pad(x.astype(dt), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
@@ -156,15 +152,21 @@ class Conv2D(nn.Conv):
                                                               self.features)
     return y.reshape(b, ho, wo, self.features) + bias.astype(dt)
 
+  def _kernel_bias(self, x: Array):
+    """nn.Conv's parameters for input x, and the compute dtype."""
+    kh, kw = self.kernel_size
+    kern = self.param("kernel", self.kernel_init,
+                      (kh, kw, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,),
+                      self.param_dtype)
+    return kern, bias, self.dtype or x.dtype
+
   def _subpixel(self, x: Array) -> Array:
     """conv3x3(nearest_x2(x)) as one 2x2 convolution of x (see
     SUBPIXEL_MIN_PIXELS) and an interleave of the four phases."""
-    b, h, w, c = x.shape
+    b, h, w, _ = x.shape
     f = self.features
-    kern = self.param("kernel", self.kernel_init, (3, 3, c, f),
-                      self.param_dtype)
-    bias = self.param("bias", self.bias_init, (f,), self.param_dtype)
-    dt = self.dtype or x.dtype
+    kern, bias, dt = self._kernel_bias(x)
     xp = jnp.pad(x.astype(dt), ((0, 0), (1, 1), (1, 1), (0, 0)))
     z = jax.lax.conv_general_dilated(
         xp, _subpixel_kernel(kern.astype(dt)), (1, 1), "VALID",
@@ -177,13 +179,8 @@ class Conv2D(nn.Conv):
 
   def _split_conv(self, x: Array, chunk: int) -> Array:
     """Sum of convolutions over input-channel chunks (see SPLIT_CHUNKS)."""
-    kh, kw = self.kernel_size
     c = x.shape[-1]
-    kern = self.param("kernel", self.kernel_init, (kh, kw, c, self.features),
-                      self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,),
-                      self.param_dtype)
-    dt = self.dtype or x.dtype
+    kern, bias, dt = self._kernel_bias(x)
     x, kern = x.astype(dt), kern.astype(dt)
     y = None
     for s in range(0, c, chunk):

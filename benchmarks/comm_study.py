@@ -58,6 +58,13 @@ VARIANTS = {
                            "local_nesterov": True, "momentum_masking": True,
                            "clip_local": 1.0}},
                  {"momentum": 0.0, "nesterov": False, "grad_clip": 0.0}),
+    # Top-k with ScaleCom's cyclic local top-k (arXiv 2104.11125): one
+    # device per step (rotating) picks the indices, all send their values
+    # there (two all-reduces of k), so the mean is exact on them; optimizer
+    # momentum on the synced mean, as for PowerSGD.
+    "topk_leader": ("top-k 1% + EF, cyclic leader indices (ScaleCom CLT-k)",
+                    {"comm": {"name": "topk", "ratio": 0.01,
+                              "topk_select": "leader"}}),
     # DiLoCo between 2 islands of 4 devices (exact mean inside an island
     # every step), outer step = plain averaging of the islands' parameters.
     "diloco_islands": ("DiLoCo H=20, 2 islands x 4 devices, averaging outer",
@@ -75,7 +82,8 @@ PRESETS = {
     "adamw": dict(lr_schedule="cosine", warmup_steps=30),
 }
 GOALS = {"powersgd": ("bytes", 30.0), "topk": ("bytes", 30.0),
-         "topk_dgc": ("bytes", 30.0), "diloco": ("syncs", 20.0),
+         "topk_dgc": ("bytes", 30.0), "topk_leader": ("bytes", 30.0),
+         "diloco": ("syncs", 20.0),
          "diloco_islands": ("syncs", 20.0)}
 
 

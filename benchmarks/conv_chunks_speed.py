@@ -39,6 +39,16 @@ def chunked(piece):
   return f
 
 
+def im2col(x, k):
+  """The convolution as one matmul over the 9 shifted copies (what
+  unet_blocks.Conv2D does on maps of <= IM2COL_MAX_PIXELS)."""
+  b, h, w, c = x.shape
+  xp = jax.numpy.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  cols = jax.numpy.concatenate([xp[:, i:i + h, j:j + w] for i in range(3)
+                                for j in range(3)], axis=-1)
+  return (cols.reshape(-1, 9 * c) @ k.reshape(9 * c, -1)).reshape(b, h, w, -1)
+
+
 def median_ms(f, *args, reps=5):
   f = jax.jit(f)
   f(*args).block_until_ready()
@@ -59,6 +69,8 @@ def main():
     gflop = 2 * 4 * h * h * 9 * c * f / 1e9
     rows = [("one conv", median_ms(one_conv, x, k))]
     rows += [(f"chunks of {p}", median_ms(chunked(p), x, k)) for p in pieces]
+    if h <= 32:
+      rows.append(("im2col", median_ms(im2col, x, k)))
     print(f"{h}x{h} {c}->{f}: " + "  ".join(
         f"{n} {ms:.1f} ms ({gflop / ms * 1e3:.0f} GFLOP/s)" for n, ms in rows),
         flush=True)

@@ -30,6 +30,12 @@ Channel skipping: the checkerboard codec with --planted of its M channels
 forced to zero (their g_a output and, for the Gaussian set, predicted mean
 zeroed), decoded with skipping on (bitmap, channels not coded) and off.
 The image is china.jpg (scikit-learn) resized to --width x --height.
+`--compressai`: also time CompressAI's serial context model of the same size
+(`JointAutoregressiveHierarchicalPriors(N, M)`, Minnen 2018, PyTorch, its own
+rANS coder, position-by-position decoding in Python; random weights after
+`update()`), the reference implementation serial decode times are usually
+quoted for; needs CompressAI beside the venv (see lic_vs_compressai.py) and
+PYTHONPATH pointing at it.
 `--quick` shrinks everything to check the script (numbers then mean nothing).
 Record the output in benchmarks/RESULTS.md.
 """
@@ -131,6 +137,35 @@ def _time_codec(name, cod, img, reps, skip=None):
   return row
 
 
+def _time_compressai(args, img):
+  """CompressAI's serial AR codec (mbt2018) on the same image, or None."""
+  try:
+    import torch  # noqa: PLC0415
+    from compressai.models import JointAutoregressiveHierarchicalPriors  # noqa: PLC0415
+  except ImportError as e:
+    print(f"  CompressAI not importable ({e}): its row is skipped; see "
+          "lic_vs_compressai.py --help for the side install", flush=True)
+    return None
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  net = JointAutoregressiveHierarchicalPriors(args.N, args.M).eval()
+  net.update(force=True)
+  x = torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+  with torch.no_grad():
+    out = net.compress(x)  # Warm-up.
+    net.decompress(out["strings"], out["shape"])
+    enc_s = median_time(lambda: net.compress(x), args.reps)
+    dec_s = median_time(lambda: net.decompress(out["strings"], out["shape"]),
+                        args.reps)
+  h, w = img.shape[:2]
+  nbytes = sum(len(s[0]) for s in out["strings"])
+  row = {"encode_s": enc_s, "decode_s": dec_s, "bytes": nbytes,
+         "bpp": 8 * nbytes / (h * w), "torch": torch.__version__}
+  print(f"  {'compressai-serial':24s} encode {enc_s:7.3f} s  decode "
+        f"{dec_s:7.3f} s  {row['bpp']:.3f} bpp", flush=True)
+  return row
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--N", type=int, default=128)
@@ -145,6 +180,8 @@ def main(argv=None):
                   help="share of channels forced to zero (skipping part)")
   ap.add_argument("--json", default="")
   ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--compressai", action="store_true",
+                  help="also time CompressAI's serial context model (mbt2018)")
   args = ap.parse_args(argv)
   if args.quick:
     args.N, args.M, args.height, args.width, args.reps = 8, 12, 64, 128, 1
@@ -185,6 +222,14 @@ def main(argv=None):
         f"anchors {res['ratio_decode_gauss']:.2f}x "
         f"({res['ratio_y_decode_gauss']:.2f}x); goal >= 30x, paper 70-90x",
         flush=True)
+  if args.compressai:
+    row = _time_compressai(args, img)
+    if row is not None:
+      res["codecs"]["compressai-serial"] = row
+      res["ratio_decode_vs_compressai_serial"] = (row["decode_s"]
+                                                  / c["decode_s"])
+      print(f"CompressAI serial / our checkerboard decode time: "
+            f"{res['ratio_decode_vs_compressai_serial']:.1f}x", flush=True)
   n_planted = int(round(args.planted * args.M))
   planted = tuple(range(0, args.M, max(1, args.M // max(n_planted, 1))))
   planted = planted[:n_planted]

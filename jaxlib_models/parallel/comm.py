@@ -19,7 +19,12 @@ Compressors (d: tensor size, n: devices in the compressed group):
 - randomk: k = ratio*d coordinates from a key shared by all devices, f32
   psum of the k values; scaled by d/k (unbiased) or not (with EF).
 - topk: per-device top-|p| coordinates (DGC, arXiv 1712.01887),
-  all-gather of i32[k] indices and f32[k] values.
+  all-gather of i32[k] indices and f32[k] values. With
+  topk_select="leader" (ScaleCom's cyclic local top-k, arXiv 2104.11125):
+  device (step mod n) picks the top-|p| indices of its own p, every device
+  sends its values there; all-reduce of the i32[k] indices (zeros from the
+  others) and of the f32[k] values, so the mean is exact on those k
+  coordinates and the ring cost does not grow with n.
 - sign: EF-SignSGD (arXiv 1901.09847), (||p||_1/d) sign(p), all-gather of
   int8 signs and the f32 scale.
 - sign_mv: signSGD with majority vote (arXiv 1810.05291), int8 psum of the
@@ -126,6 +131,9 @@ class CommConfig:
   # coordinate (sparsifiers only: top-k, random-k), so a delayed update is
   # not applied again through the momentum.
   momentum_masking: bool = False
+  # Who picks the top-k coordinates: "local" (each device its own, DGC) or
+  # "leader" (one device per step, rotating; ScaleCom's CLT-k).
+  topk_select: str = "local"
   # Two axes (outer/slow, inner/fast): reduce-scatter over inner, compressed
   # mean over outer on the shard, all-gather over inner.
   hierarchical: bool = False
@@ -142,6 +150,9 @@ class CommConfig:
     if self.powersgd_view not in ("batched", "flat"):
       raise ValueError(f"comm.powersgd_view={self.powersgd_view!r}: choose"
                        " 'batched' or 'flat'")
+    if self.topk_select not in ("local", "leader"):
+      raise ValueError(f"comm.topk_select={self.topk_select!r}: choose"
+                       " 'local' or 'leader'")
     if self.clip_local < 0:
       raise ValueError(f"comm.clip_local={self.clip_local} must be >= 0")
     if not 0 <= self.local_momentum < 1:
@@ -316,7 +327,8 @@ class Communicator:
   @property
   def check_vma(self) -> bool:
     """False for gather-based schemes (their outputs are typed varying)."""
-    gathers = self.cfg.name in ("topk", "sign") or self.qsgd_gathers
+    gathers = (self.cfg.name == "sign" or self.qsgd_gathers
+               or (self.cfg.name == "topk" and self.cfg.topk_select == "local"))
     return not (gathers or self.cfg.hierarchical)
 
   # ------------------------------------------------------------- planning
@@ -447,7 +459,7 @@ class Communicator:
     if cfg.hierarchical:
       q = {k: v[0] for k, v in q.items()}
     key = jax.random.fold_in(key, step)
-    operands = (g_leaves, ef, q, key)
+    operands = (g_leaves, ef, q, key, step)
     if cfg.name == "none" or cfg.start_iter == 0:
       outs, ef, q, sent = self._all(leaves, *operands,
                                     compressed=cfg.name != "none")
@@ -481,7 +493,7 @@ class Communicator:
         treedef, [o.astype(dt) for o, dt in zip(outs, dtypes)])
     return mean, new_state, stats
 
-  def _all(self, leaves, g_leaves, ef, q, key, *, compressed: bool):
+  def _all(self, leaves, g_leaves, ef, q, key, step, *, compressed: bool):
     ef, q = dict(ef), dict(q)
     dev = jax.lax.axis_index(self.axis_names)
     outs = []
@@ -498,7 +510,7 @@ class Communicator:
         e = ef.get(leaf.name)
         p = x if e is None else x + e
         mean, local, q_new = self._compressed(
-            leaf, p, q.get(leaf.name), k_shared, k_local)
+            leaf, p, q.get(leaf.name), k_shared, k_local, step)
         if e is not None:
           ef[leaf.name] = p - local
         if self.cfg.momentum_masking:
@@ -530,7 +542,7 @@ class Communicator:
     full = full[:full.shape[0] - leaf.pad]
     return full.reshape(leaf.shape)
 
-  def _compressed(self, leaf: _Leaf, p, q, k_shared, k_local):
+  def _compressed(self, leaf: _Leaf, p, q, k_shared, k_local, step):
     """(mean estimate, this device's decompressed message, new Q)."""
     cfg, axes, n = self.cfg, self.comm_axes, self.n_comm
     name = cfg.name
@@ -554,6 +566,14 @@ class Communicator:
       # jnp.zeros, not zeros_like: the mean must not inherit p's varying type.
       mean = jnp.zeros((d,), p.dtype).at[idx].set(total * (scale / n))
       local = jnp.zeros_like(flat).at[idx].set(vals * scale)
+    elif name == "topk" and cfg.topk_select == "leader":
+      _, idx = jax.lax.top_k(jnp.abs(flat), leaf.k)
+      lead = jax.lax.axis_index(axes) == step % n
+      idx = jax.lax.psum(jnp.where(lead, idx, 0), axes)
+      vals = flat[idx]
+      mean = jnp.zeros((d,), p.dtype).at[idx].set(
+          jax.lax.psum(vals, axes) / n, unique_indices=True)
+      local = jnp.zeros_like(flat).at[idx].set(vals, unique_indices=True)
     elif name == "topk":
       _, idx = jax.lax.top_k(jnp.abs(flat), leaf.k)
       vals = flat[idx]
@@ -647,6 +667,9 @@ class Communicator:
         else:
           add("all_reduce", w, jnp.int8, n)
       elif name == "randomk":
+        add("all_reduce", (leaf.k,), jnp.float32, n)
+      elif name == "topk" and cfg.topk_select == "leader":
+        add("all_reduce", (leaf.k,), jnp.int32, n)
         add("all_reduce", (leaf.k,), jnp.float32, n)
       elif name == "topk":
         add("all_gather", (leaf.k,), jnp.int32, n)

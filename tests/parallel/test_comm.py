@@ -412,6 +412,42 @@ def test_error_feedback_telescopes(name):
     np.testing.assert_allclose(sent + e, total_g, atol=1e-4)
 
 
+def test_topk_leader_rotates_and_telescopes():
+  """ScaleCom's cyclic local top-k over 9 steps: at step t device t mod 8
+  picks the indices from its own p = g + e, every device sends its values
+  there, the mean is exact on those coordinates and zero elsewhere, each
+  device keeps e <- p - (its values at the indices); Sum_t C(p_t) + e_T =
+  Sum_t g_t per device. Re-derived in NumPy. Planted bugs caught: every
+  device using its own indices, a leader that does not rotate (step 8
+  wraps to device 0), the mean divided by the number of senders."""
+  steps, k = 9, round(0.1 * 512)
+  cfg = comm.CommConfig(name="topk", ratio=0.1, topk_select="leader")
+  grads_t = [_grads(seed=t, w=(32, 16)) for t in range(steps)]
+  _, step, state = _setup(cfg, grads_t[0])
+  e = np.zeros((8, 512), np.float32)
+  sent = np.zeros((8, 512), np.float32)
+  total_g = np.zeros((8, 512), np.float32)
+  with jax.set_mesh(_mesh(FLAT)):
+    for t, grads in enumerate(grads_t):
+      out, state = step(grads, state, jax.random.key(t))[:2]
+      g = np.asarray(grads["w"]).reshape(8, -1)
+      p = g + e
+      idx = np.argsort(-np.abs(p[t % 8]))[:k]
+      local = np.zeros_like(p)
+      local[:, idx] = p[:, idx]
+      np.testing.assert_allclose(np.asarray(out["w"][0]).reshape(-1),
+                                 local.mean(0), rtol=1e-5, atol=1e-6)
+      e = p - local
+      np.testing.assert_allclose(
+          np.asarray(next(iter(state["ef"].values()))).reshape(8, -1), e,
+          atol=1e-5)
+      sent += local
+      total_g += g
+  np.testing.assert_allclose(sent + e, total_g, atol=1e-4)
+  with pytest.raises(ValueError, match="comm.topk_select"):
+    comm.CommConfig(name="topk", topk_select="global")
+
+
 def test_start_iter_sends_exact_mean_first():
   """Two exact steps (EF untouched), then PowerSGD; step counts on."""
   grads = _grads(w=(64, 32))
@@ -470,11 +506,15 @@ VARIANTS = [(comm.CommConfig(name=n, ratio=0.2, rank=2), FLAT)
 VARIANTS += [(comm.CommConfig(name="qsgd", levels=16), FLAT)]
 VARIANTS += [(comm.CommConfig(name=n, ratio=0.2, rank=2, hierarchical=True),
               HIER) for n in ("none", "bf16", "int8", "topk", "powersgd")]
+VARIANTS += [(comm.CommConfig(name="topk", ratio=0.2, topk_select="leader",
+                              hierarchical=h), HIER if h else FLAT)
+             for h in (False, True)]
 
 
 def _vid(v):
   cfg = v[0]
   return cfg.name + ("_gather" if cfg.levels > 4 else "") + (
+      "_leader" if cfg.topk_select == "leader" else "") + (
       "_hier" if cfg.hierarchical else "")
 
 

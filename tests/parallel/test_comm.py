@@ -108,6 +108,7 @@ def _exact(grads):
     ({"rank": 0}, "comm.rank"),
     ({"start_iter": -1}, "comm.start_iter"),
     ({"min_size": -1}, "comm.min_size"),
+    ({"topk_select": "global"}, "comm.topk_select"),
 ])
 def test_bad_config_names_the_field(kw, field):
   with pytest.raises(ValueError, match=field):
@@ -351,9 +352,13 @@ def test_biased_compressors_fail_the_unbiasedness_check(cfg):
 # ---------------------------------------------------------- error feedback
 
 
-def _np_local(name, p_DN, k, support=None):
+def _np_local(name, p_DN, k, support=None, lead=0):
   """NumPy re-derivation of each device's decompressed message C(p)."""
   out = np.zeros_like(p_DN)
+  if name == "topk_leader":
+    idx = np.argsort(-np.abs(p_DN[lead]))[:k]
+    out[:, idx] = p_DN[:, idx]
+    return out
   for i, p in enumerate(p_DN):
     if name == "topk":
       idx = np.argsort(-np.abs(p))[:k]
@@ -365,17 +370,22 @@ def _np_local(name, p_DN, k, support=None):
   return out
 
 
-@pytest.mark.parametrize("name", ["randomk", "topk", "sign", "sign_mv",
-                                  "powersgd"])
+@pytest.mark.parametrize("name", ["randomk", "topk", "topk_leader", "sign",
+                                  "sign_mv", "powersgd"])
 def test_error_feedback_telescopes(name):
   """Sum_t C(p_t) + e_T = Sum_t g_t over 5 steps: per device for local
   compressors (C re-derived in NumPy from p = g + e), averaged over devices
   for PowerSGD (C = the shared g_hat). The output is also checked against
   NumPy: mean_i C(p_i), or mean scale * sign(sum of signs) for sign_mv.
-  Planted bugs caught: e <- g - C(g) (old residual dropped), residuals
-  averaged over devices, EF skipped."""
-  steps, shape = 5, (32, 16)
-  cfg = comm.CommConfig(name=name, ratio=0.1, rank=2)
+  topk_leader (ScaleCom's cyclic local top-k, 9 steps so that the leader
+  wraps to device 0): every device sends its p at the top-k indices of
+  device (t mod 8)'s p. Planted bugs caught: e <- g - C(g) (old residual
+  dropped), residuals averaged over devices, EF skipped, a leader that does
+  not rotate, every device using its own indices."""
+  leader = name == "topk_leader"
+  steps, shape = (9 if leader else 5), (32, 16)
+  cfg = comm.CommConfig(name="topk" if leader else name, ratio=0.1, rank=2,
+                        topk_select="leader" if leader else "local")
   grads_t = [_grads(seed=t, w=shape) for t in range(steps)]
   _, step, state = _setup(cfg, grads_t[0])
   k = round(0.1 * 512)
@@ -395,7 +405,7 @@ def test_error_feedback_telescopes(name):
         support = np.flatnonzero(g_hat) if name == "randomk" else None
         if support is not None:
           assert support.size == k
-        local = _np_local(name, p, k, support)
+        local = _np_local(name, p, k, support, lead=t % 8)
         if name == "sign_mv":
           ref = np.abs(p).mean(1).mean() * np.sign(np.sign(p).sum(0))
         else:
@@ -410,42 +420,6 @@ def test_error_feedback_telescopes(name):
     assert np.abs(e).max() > 0.1  # The residual carries real mass.
   else:
     np.testing.assert_allclose(sent + e, total_g, atol=1e-4)
-
-
-def test_topk_leader_rotates_and_telescopes():
-  """ScaleCom's cyclic local top-k over 9 steps: at step t device t mod 8
-  picks the indices from its own p = g + e, every device sends its values
-  there, the mean is exact on those coordinates and zero elsewhere, each
-  device keeps e <- p - (its values at the indices); Sum_t C(p_t) + e_T =
-  Sum_t g_t per device. Re-derived in NumPy. Planted bugs caught: every
-  device using its own indices, a leader that does not rotate (step 8
-  wraps to device 0), the mean divided by the number of senders."""
-  steps, k = 9, round(0.1 * 512)
-  cfg = comm.CommConfig(name="topk", ratio=0.1, topk_select="leader")
-  grads_t = [_grads(seed=t, w=(32, 16)) for t in range(steps)]
-  _, step, state = _setup(cfg, grads_t[0])
-  e = np.zeros((8, 512), np.float32)
-  sent = np.zeros((8, 512), np.float32)
-  total_g = np.zeros((8, 512), np.float32)
-  with jax.set_mesh(_mesh(FLAT)):
-    for t, grads in enumerate(grads_t):
-      out, state = step(grads, state, jax.random.key(t))[:2]
-      g = np.asarray(grads["w"]).reshape(8, -1)
-      p = g + e
-      idx = np.argsort(-np.abs(p[t % 8]))[:k]
-      local = np.zeros_like(p)
-      local[:, idx] = p[:, idx]
-      np.testing.assert_allclose(np.asarray(out["w"][0]).reshape(-1),
-                                 local.mean(0), rtol=1e-5, atol=1e-6)
-      e = p - local
-      np.testing.assert_allclose(
-          np.asarray(next(iter(state["ef"].values()))).reshape(8, -1), e,
-          atol=1e-5)
-      sent += local
-      total_g += g
-  np.testing.assert_allclose(sent + e, total_g, atol=1e-4)
-  with pytest.raises(ValueError, match="comm.topk_select"):
-    comm.CommConfig(name="topk", topk_select="global")
 
 
 def test_start_iter_sends_exact_mean_first():

@@ -141,7 +141,8 @@ def _time_compressai(args, img):
   """CompressAI's serial AR codec (mbt2018) on the same image, or None."""
   try:
     import torch  # noqa: PLC0415
-    from compressai.models import JointAutoregressiveHierarchicalPriors  # noqa: PLC0415
+    from compressai.models import (  # noqa: PLC0415
+        JointAutoregressiveHierarchicalPriors)
   except ImportError as e:
     print(f"  CompressAI not importable ({e}): its row is skipped; see "
           "lic_vs_compressai.py --help for the side install", flush=True)

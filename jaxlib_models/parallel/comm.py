@@ -156,7 +156,8 @@ class CommConfig:
     if self.clip_local < 0:
       raise ValueError(f"comm.clip_local={self.clip_local} must be >= 0")
     if not 0 <= self.local_momentum < 1:
-      raise ValueError(f"comm.local_momentum={self.local_momentum} must be in [0, 1)")
+      raise ValueError(f"comm.local_momentum={self.local_momentum} must be"
+                       " in [0, 1)")
     if self.momentum_masking and (self.local_momentum == 0
                                   or self.name not in ("topk", "randomk")):
       raise ValueError(

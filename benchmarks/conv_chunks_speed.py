@@ -40,13 +40,19 @@ def chunked(piece):
 
 
 def im2col(x, k):
-  """The convolution as one matmul over the 9 shifted copies (what
-  unet_blocks.Conv2D does on maps of <= IM2COL_MAX_PIXELS)."""
-  b, h, w, c = x.shape
-  xp = jax.numpy.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  cols = jax.numpy.concatenate([xp[:, i:i + h, j:j + w] for i in range(3)
-                                for j in range(3)], axis=-1)
-  return (cols.reshape(-1, 9 * c) @ k.reshape(9 * c, -1)).reshape(b, h, w, -1)
+  """unet_blocks.Conv2D's own im2col route (taken on CPU for maps of <=
+  IM2COL_MAX_PIXELS), forced on at this size while tracing."""
+  from jaxlib_models.diffusion import unet_blocks  # noqa: PLC0415
+
+  conv = unet_blocks.Conv2D(k.shape[-1], (3, 3), strides=(1, 1),
+                           padding=((1, 1), (1, 1)))
+  params = {"kernel": k, "bias": jax.numpy.zeros(k.shape[-1], k.dtype)}
+  before = unet_blocks.IM2COL_MAX_PIXELS
+  unet_blocks.IM2COL_MAX_PIXELS = x.shape[1] * x.shape[2]
+  try:
+    return conv.apply({"params": params}, x)
+  finally:
+    unet_blocks.IM2COL_MAX_PIXELS = before
 
 
 def median_ms(f, *args, reps=5):

@@ -147,23 +147,15 @@ def _time_compressai(args, img):
     print(f"  CompressAI not importable ({e}): its row is skipped; see "
           "lic_vs_compressai.py --help for the side install", flush=True)
     return None
-  torch.set_num_threads(os.cpu_count())
+  from lic_vs_compressai import time_compressai  # noqa: PLC0415
+
   torch.manual_seed(0)
-  net = JointAutoregressiveHierarchicalPriors(args.N, args.M).eval()
-  net.update(force=True)
-  x = torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-  with torch.no_grad():
-    out = net.compress(x)  # Warm-up.
-    net.decompress(out["strings"], out["shape"])
-    enc_s = median_time(lambda: net.compress(x), args.reps)
-    dec_s = median_time(lambda: net.decompress(out["strings"], out["shape"]),
-                        args.reps)
+  row = time_compressai(JointAutoregressiveHierarchicalPriors(args.N, args.M),
+                        img, args.reps)
   h, w = img.shape[:2]
-  nbytes = sum(len(s[0]) for s in out["strings"])
-  row = {"encode_s": enc_s, "decode_s": dec_s, "bytes": nbytes,
-         "bpp": 8 * nbytes / (h * w), "torch": torch.__version__}
-  print(f"  {'compressai-serial':24s} encode {enc_s:7.3f} s  decode "
-        f"{dec_s:7.3f} s  {row['bpp']:.3f} bpp", flush=True)
+  row.update(bpp=8 * row["bytes"] / (h * w), torch=torch.__version__)
+  print(f"  {'compressai-serial':24s} encode {row['encode_s']:7.3f} s  decode "
+        f"{row['decode_s']:7.3f} s  {row['bpp']:.3f} bpp", flush=True)
   return row
 
 

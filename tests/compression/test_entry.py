@@ -15,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 TINY = os.path.join(ROOT, "configs", "compression", "hyperprior.py") + ":tiny"
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 def test_builtin_photos_exist():
   photos = data.builtin_photos()

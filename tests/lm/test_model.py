@@ -13,6 +13,8 @@ from jaxlib_models.lm import (LlamaConfig, forward, init_cache, init_params,
 from jaxlib_models.lm import generate as generate_lib
 from jaxlib_models.lm.model import check_exit_layers
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

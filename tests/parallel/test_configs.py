@@ -13,6 +13,8 @@ import pytest
 from jaxlib_models.core import cli
 from jaxlib_models.core import metrics as metrics_lib
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 CASES = [
     ("configs/spike_slab/sim.py:tiny",
      ["--config.train.comm.name=powersgd", "--config.train.comm.rank=2",

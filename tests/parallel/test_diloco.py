@@ -10,6 +10,8 @@ from jaxlib_models.parallel import hlo
 from jaxlib_models.parallel import steps as steps_lib
 from tests.parallel import lmtask
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 SGD = dict(optimizer="sgd", learning_rate=0.5)
 LOCAL_SGD = dict(sync_every=1, outer_optimizer="sgd", outer_lr=1.0)
 

@@ -12,6 +12,8 @@ import pytest
 from jaxlib_models.core import checkpoint as ckpt_lib
 from tests.parallel import lmtask
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 STEPS, HALF = 6, 3
 
 

@@ -10,6 +10,8 @@ import pytest
 from jaxlib_models.core import trainer
 from tests.parallel import lmtask
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 LAYOUTS = {
     "dp": ({"data": 8}, {}),
     "fsdp": ({"data": 1, "fsdp": 8}, {}),

@@ -9,6 +9,8 @@ import pytest
 
 from jaxlib_models.core import cli
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 NEURAL = os.path.join(ROOT, "configs", "score", "neural.py") + ":tiny"

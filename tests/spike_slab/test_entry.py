@@ -20,6 +20,9 @@ def _env():
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # One CPU device, as a user would run it.
   env["JAX_PLATFORMS"] = "cpu"
+  # Tiny graphs: XLA's optimisation passes cost more than they save (the
+  # subprocess form of the fast_compile fixture).
+  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   return env
 
 
@@ -92,7 +95,7 @@ def test_cli_errors_are_clear(tmp_path):
   assert "--config" in out.stdout and "resumes" in out.stdout
 
 
-def test_study_tiny_writes_report_and_plots(tmp_path):
+def test_study_tiny_writes_report_and_plots(tmp_path, fast_compile):
   """Smoke test of the study and report (not correctness evidence)."""
   from jaxlib_models.core import config as config_lib
   from jaxlib_models.spike_slab import entry
@@ -106,3 +109,11 @@ def test_study_tiny_writes_report_and_plots(tmp_path):
     assert needle in text, needle
   pngs = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
   assert len(pngs) >= 5, pngs
+
+
+def test_report_cells_are_mean_and_sd_over_seeds():
+  """The study's table cells (the tiny study runs one seed)."""
+  from jaxlib_models.spike_slab import report
+
+  assert report._ms([1.0, 3.0, None]) == "2 ± 1.4"
+  assert report._ms([2.5]) == "2.5" and report._ms([None]) == "n/a"

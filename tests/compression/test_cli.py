@@ -9,6 +9,8 @@ from PIL import Image
 
 from jaxlib_models.compression import cli, codec, data, pretrained
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 def test_shipped_models_exist_fit_the_budget_and_load():
   names = pretrained.names()

@@ -9,6 +9,8 @@ import pytest
 
 from jaxlib_models.compression import codec, hyperprior
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 CFG = hyperprior.HyperpriorConfig(N=8, M=12)
 
 

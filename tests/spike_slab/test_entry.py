@@ -15,6 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "spike_slab", "sim.py") + ":tiny"
 
+# The in-process study; the subprocess tests get the same setting by _env.
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 def _env():
   env = dict(os.environ)
@@ -95,7 +98,7 @@ def test_cli_errors_are_clear(tmp_path):
   assert "--config" in out.stdout and "resumes" in out.stdout
 
 
-def test_study_tiny_writes_report_and_plots(tmp_path, fast_compile):
+def test_study_tiny_writes_report_and_plots(tmp_path):
   """Smoke test of the study and report (not correctness evidence)."""
   from jaxlib_models.core import config as config_lib
   from jaxlib_models.spike_slab import entry

@@ -71,6 +71,15 @@ VARIANTS = {
                        {"diloco": {"sync_every": 20, "outer_optimizer": "sgd",
                                    "outer_lr": 1.0},
                         "mesh": {"node": 2, "data": 4}}),
+    # The same, and the islands' momentum buffers averaged at every sync too
+    # (diloco.sync_inner_opt): same syncs, twice the bytes per sync.
+    "diloco_islands_mom": ("DiLoCo H=20, 2 islands x 4, averaging outer,"
+                           " momentum averaged too",
+                           {"diloco": {"sync_every": 20,
+                                       "outer_optimizer": "sgd",
+                                       "outer_lr": 1.0,
+                                       "sync_inner_opt": True},
+                            "mesh": {"node": 2, "data": 4}}),
 }
 # Optimizer settings shared by every variant of one study (train keys).
 PRESETS = {
@@ -84,7 +93,8 @@ PRESETS = {
 GOALS = {"powersgd": ("bytes", 30.0), "topk": ("bytes", 30.0),
          "topk_dgc": ("bytes", 30.0), "topk_leader": ("bytes", 30.0),
          "diloco": ("syncs", 20.0),
-         "diloco_islands": ("syncs", 20.0)}
+         "diloco_islands": ("syncs", 20.0),
+         "diloco_islands_mom": ("syncs", 20.0)}
 
 
 def make_config(steps: int, overrides: dict, train_set: dict | None = None):
@@ -128,8 +138,7 @@ def byte_counts(config) -> dict:
   abstract = jax.eval_shape(lambda: task.init_params(jax.random.key(0)))
   mesh = mesh_lib.make_mesh(dict(tc.mesh))
   par = trainer.plan_parallel(tc, mesh)
-  colls = [c for c in par.sync_communicator().wire_bytes_breakdown(abstract)
-           if c.group_size > 1]
+  colls = [c for c in par.sync_collectives(abstract) if c.group_size > 1]
   per = par.syncs_per_step()
   return {
       "payload_per_step": sum(c.operand_bytes for c in colls) * per,

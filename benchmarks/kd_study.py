@@ -1,16 +1,21 @@
-r"""Knowledge distillation of the shipped codecs into half-width decoders.
+r"""Knowledge distillation of the shipped codecs into narrower decoders.
 
-  python benchmarks/kd_study.py [--steps 300] [--crop 128] [--batch 8]
-      [--out benchmarks/kd_study] [--photos all]
+  python benchmarks/kd_study.py [--steps 300] [--prune-steps 0] [--crop 128]
+      [--batch 8] [--lr 1e-4] [--lr-schedule constant] [--width 0.5]
+      [--encoder frozen] [--out benchmarks/kd_study] [--photos all]
 
 For each shipped hyperprior (teacher, compression/pretrained, N=64, M=96):
 step (ii) of the three-step distillation (`compression.distill`): a student
-with a half-width synthesis transform (`N_dec = N/2`), initialised from the
-teacher (leading channels), trained on the training corpus with
+with a narrower synthesis transform (`N_dec = round(width N)`), initialised
+from the teacher (leading channels), trained on the training corpus with
 L = R_s + lambda 255^2 MSE(x, x_s) + beta_out 255^2 MSE(x_t, x_s) +
 beta_feat sum_k mean((f_s^k - P f_t^k)^2) (defaults beta_out = lambda,
 beta_feat = 0.1 lambda 255^2), teacher frozen (so it stays the shipped
 reference), with the foundation trainer (checkpoints: the study resumes).
+`--encoder frozen` (default) keeps the student's g_a and h_a at the
+teacher's, so both code the same latents and the BD-rate measures the
+decoder; `joint` trains them too (the paper's wording), and the extra
+distortion weight beta_out then moves the student to a higher rate.
 Then both are measured on the held-out photos with real .jlic bitstreams
 (bpp from file sizes, PSNR per image then mean), the student's decoder
 multiply-adds at 768x512 against the teacher's, and the student's BD-rate
@@ -64,6 +69,7 @@ def prune_step(args, name, lam, t_cfg, teacher, s_cfg, s_params, train_imgs,
                                      keep_fraction=0.5)
   tc = trainer.TrainConfig(num_steps=args.prune_steps, batch_size=args.batch,
                            learning_rate=args.lr, log_every=50,
+                           lr_schedule=args.lr_schedule,
                            checkpoint_every=100, progress=False)
   task = distill.make_kd_task(
       t_cfg, teacher.params, s_cfg, train_imgs, lam, tc, c,
@@ -87,6 +93,20 @@ def main(argv=None) -> int:
   p.add_argument("--crop", type=int, default=128)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--lr", type=float, default=1e-4)
+  p.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                 default="constant",
+                 help="learning-rate schedule of both training steps"
+                 " (cosine: decay to 0.1x at the last step)")
+  p.add_argument("--encoder", choices=("frozen", "joint"), default="frozen",
+                 help="step (ii): keep the teacher's g_a and h_a fixed in the"
+                 " student (frozen, default: the student's latents, hence"
+                 " its rate, stay the teacher's and the BD-rate measures the"
+                 " decoder) or train them with the KD loss (joint: the extra"
+                 " distortion weight beta_out then moves the student to a"
+                 " higher rate)")
+  p.add_argument("--width", type=float, default=0.5,
+                 help="student synthesis width N_dec as a fraction of the"
+                 " teacher's N (default 0.5)")
   p.add_argument("--prune-steps", type=int, default=0,
                  help="step (iii) retraining steps (0: no pruning)")
   p.add_argument("--out", default="benchmarks/kd_study")
@@ -102,13 +122,18 @@ def main(argv=None) -> int:
     rec = pretrained.info(name)
     t_cfg = pretrained.config_of(rec)
     teacher = pretrained.load(name)
-    s_cfg = dataclasses.replace(t_cfg, N_dec=t_cfg.N // 2)
+    s_cfg = dataclasses.replace(t_cfg,
+                                N_dec=max(1, round(t_cfg.N * args.width)))
     tc = trainer.TrainConfig(num_steps=args.steps, batch_size=args.batch,
                              learning_rate=args.lr, log_every=50,
+                           lr_schedule=args.lr_schedule,
                              checkpoint_every=100, progress=False)
     task = distill.make_kd_task(t_cfg, teacher.params, s_cfg, train_imgs,
                                 rec["lambda"], tc, args.crop,
-                                distill.KDConfig(teacher_trainable=False))
+                                distill.KDConfig(
+                                    teacher_trainable=False,
+                                    frozen=distill.ENCODER_SIDE
+                                    if args.encoder == "frozen" else ()))
     state = trainer.train(task, tc, os.path.join(args.workdir, name))
     student = codec.Codec.from_params(
         s_cfg, jax.device_get(state.params["student"]))
@@ -147,10 +172,12 @@ def main(argv=None) -> int:
          "images": sorted(images), "seconds": time.perf_counter() - t0,
          "args": vars(args)}
   io.write_json(args.out + ".json", res)
-  lines = ["# KD study: half-width decoder students of the shipped codecs",
+  lines = ["# KD study: narrower decoder students of the shipped codecs",
            "", f"Command: `python benchmarks/kd_study.py --steps {args.steps}"
            f" --prune-steps {args.prune_steps}"
-           f" --crop {args.crop} --batch {args.batch}`; held-out photos:"
+           f" --crop {args.crop} --batch {args.batch} --lr {args.lr:g}"
+           f" --lr-schedule {args.lr_schedule}"
+           f" --encoder {args.encoder} --width {args.width:g}`; held-out photos:"
            f" {len(images)}; real .jlic bitstreams.", "",
            "| model | lambda | teacher bpp | teacher PSNR | student bpp |"
            " student PSNR | decoder MACs, student / teacher |",

@@ -279,6 +279,14 @@ def _parse(codec: Codec, data: bytes):
   return h, w, zh, zw, occ, data[off:off + lz], data[off + lz:]
 
 
+def occupancy(codec: Codec, data: bytes) -> np.ndarray | None:
+  """The (M,) bool channel-occupancy map of a .jlic file written with
+  channel skipping (False: the channel was all zero, neither coded nor
+  decoded), or None for a file without one. Checks the header as
+  `decompress` does."""
+  return _parse(codec, data)[4]
+
+
 def decompress(codec: Codec, data: bytes) -> np.ndarray:
   """Decodes .jlic bytes (version 1 or 2) to an (H, W, 3) uint8 image."""
   h, w, zh, zw, occ, z_data, y_data = _parse(codec, data)

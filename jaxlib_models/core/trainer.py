@@ -288,11 +288,24 @@ class Parallel:
   def syncs_per_step(self) -> float:
     return 1.0 / self.diloco.sync_every if self.diloco.enabled else 1.0
 
+  def sync_collectives(self, abstract_params) -> list:
+    """The collectives of one sync (`parallel.hlo.Collective`s): the
+    communicator's, plus DiLoCo's inner-state mean with `sync_inner_opt`."""
+    from jaxlib_models.parallel import steps as steps_lib  # noqa: PLC0415
+
+    out = list(self.sync_communicator().wire_bytes_breakdown(abstract_params))
+    if self.diloco.enabled and self.diloco.sync_inner_opt:
+      inner = jax.eval_shape(self.inner_tx.init, abstract_params)
+      out += steps_lib.inner_opt_collectives(inner, self.devices)
+    return out
+
   def wire_bytes(self, abstract_params) -> int:
     """Bytes each device sends per optimizer step (analytic ring model)."""
+    from jaxlib_models.parallel import hlo  # noqa: PLC0415
+
     if self.devices == 1 and self.communicator is None:
       return 0
-    return (self.sync_communicator().wire_bytes(abstract_params)
+    return (hlo.total_bytes(self.sync_collectives(abstract_params))
             * self.syncs_per_step())
 
 

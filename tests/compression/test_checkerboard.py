@@ -304,6 +304,9 @@ def test_channel_skipping():
                        bitorder="little")
   assert bits.size == 8 * nb and not bits[M:].any()
   assert sorted(np.flatnonzero(bits[:M] == 0)) == planted
+  occ = codec.occupancy(cod, on)
+  assert occ.shape == (M,) and sorted(np.flatnonzero(~occ)) == planted
+  assert codec.occupancy(cod, off) is None
   np.testing.assert_array_equal(codec.decompress(cod, on), recon_on)
   np.testing.assert_array_equal(codec.decompress(cod, off), recon_off)
   ly_on = _section_lengths(on, M, True)[1]

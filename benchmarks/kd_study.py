@@ -104,6 +104,15 @@ def main(argv=None) -> int:
                  " decoder) or train them with the KD loss (joint: the extra"
                  " distortion weight beta_out then moves the student to a"
                  " higher rate)")
+  p.add_argument("--beta-out", type=float, default=None,
+                 help="output-KD weight (default: lambda)")
+  p.add_argument("--beta-feat", type=float, default=None,
+                 help="feature-KD weight (default: 0.1 lambda 255^2); with"
+                 " --beta-out 0 --beta-feat 0 --width 1 the run is a plain"
+                 " fine-tune of the teacher's decoder (a same-budget"
+                 " control)")
+  p.add_argument("--models", default="all",
+                 help="'all' or comma-separated shipped model names")
   p.add_argument("--width", type=float, default=0.5,
                  help="student synthesis width N_dec as a fraction of the"
                  " teacher's N (default 0.5)")
@@ -118,7 +127,9 @@ def main(argv=None) -> int:
                             else args.photos.split(","))
   train_imgs = list(data.training_photos().values())
   rows, t0 = [], time.perf_counter()
-  for name in pretrained.names():
+  names = (pretrained.names() if args.models == "all"
+           else args.models.split(","))
+  for name in names:
     rec = pretrained.info(name)
     t_cfg = pretrained.config_of(rec)
     teacher = pretrained.load(name)
@@ -131,6 +142,8 @@ def main(argv=None) -> int:
     task = distill.make_kd_task(t_cfg, teacher.params, s_cfg, train_imgs,
                                 rec["lambda"], tc, args.crop,
                                 distill.KDConfig(
+                                    beta_out=args.beta_out,
+                                    beta_feat=args.beta_feat,
                                     teacher_trainable=False,
                                     frozen=distill.ENCODER_SIDE
                                     if args.encoder == "frozen" else ()))
@@ -177,8 +190,13 @@ def main(argv=None) -> int:
            f" --prune-steps {args.prune_steps}"
            f" --crop {args.crop} --batch {args.batch} --lr {args.lr:g}"
            f" --lr-schedule {args.lr_schedule}"
-           f" --encoder {args.encoder} --width {args.width:g}`; held-out photos:"
-           f" {len(images)}; real .jlic bitstreams.", "",
+           f" --encoder {args.encoder} --width {args.width:g}"
+           + ("" if args.beta_out is None else f" --beta-out {args.beta_out:g}")
+           + ("" if args.beta_feat is None
+              else f" --beta-feat {args.beta_feat:g}")
+           + ("" if args.models == "all" else f" --models {args.models}")
+           + f"`; held-out photos: {len(images)}; real .jlic bitstreams.",
+           "",
            "| model | lambda | teacher bpp | teacher PSNR | student bpp |"
            " student PSNR | decoder MACs, student / teacher |",
            "|---|---|---|---|---|---|---|"]

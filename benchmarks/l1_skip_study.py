@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -41,24 +40,15 @@ from jaxlib_models.compression import (bdrate, codec, data, distill,  # noqa: E4
 from jaxlib_models.core import io, trainer  # noqa: E402
 from jaxlib_models.core.timing import median_time  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kd_study  # noqa: E402
+
 TIMED_PHOTO = "hubble"  # 512 x 768 after the evaluation centre crop.
 
 
 def measure(cod, images) -> dict:
   """Real files with skipping on: mean bpp, PSNR and skipped share."""
-  bpp, psnr, skipped = [], [], []
-  for img in images.values():
-    blob, rec = codec.compress(cod, img, skip_channels=True)
-    out = codec.decompress(cod, blob)
-    if not np.array_equal(out, rec):
-      raise AssertionError("decoded image differs from the encoder's")
-    mse = float(np.mean((out.astype(np.float64) - img) ** 2))
-    bpp.append(8 * len(blob) / (img.shape[0] * img.shape[1]))
-    psnr.append(10 * math.log10(255**2 / mse))
-    skipped.append(float(np.mean(~codec.occupancy(cod, blob))))
-  return {"bpp": float(np.mean(bpp)), "psnr": float(np.mean(psnr)),
-          "skipped": float(np.mean(skipped)),
-          "skipped_min": float(np.min(skipped))}
+  return kd_study.real_point(cod, images, skip_channels=True)
 
 
 def decode_times(cod, img, reps: int) -> dict:

@@ -46,10 +46,12 @@ def test_h4_replicas_diverge_then_agree(tmp_path):
   assert float(abs(emb[0] - emb[1]).max()) > 0  # replicas trained apart
 
 
-def test_collectives_only_in_sync_branch_and_bytes():
-  t = lmtask.tc(mesh={"node": 8, "data": 1}, diloco=dict(sync_every=10), **SGD)
+def _lowered(sizes, **kw):
+  """(StableHLO text of one DiLoCo train step, the Parallel plan, abstract
+  params) for a tiny LM on a mesh of `sizes`."""
+  t = lmtask.tc(mesh=sizes, **kw)
   task = lmtask.task(t)
-  mesh = lmtask.mesh({"node": 8, "data": 1})
+  mesh = lmtask.mesh(sizes)
   par = trainer.plan_parallel(t, mesh)
   make_state, sh = trainer.init_state(task, par.tx, mesh, parallel=par)
   batch = next(task.batches(0))
@@ -60,6 +62,13 @@ def test_collectives_only_in_sync_branch_and_bytes():
   with jax.set_mesh(mesh):
     text = step.lower(make_state(), trainer.put_batch(batch, bsh),
                       jax.random.key(0)).as_text()
+  return text, par, jax.eval_shape(lambda: make_state().params)
+
+
+def test_collectives_only_in_sync_branch_and_bytes():
+  mesh = lmtask.mesh({"node": 8, "data": 1})
+  text, par, abstract = _lowered({"node": 8, "data": 1},
+                                 diloco=dict(sync_every=10), **SGD)
   # The sync branch: the regions of the one stablehlo.case op.
   assert text.count('"stablehlo.case"(') == 1
   cols = hlo.collectives(text)
@@ -70,7 +79,6 @@ def test_collectives_only_in_sync_branch_and_bytes():
   assert all(c.shape == () or c.group_size == 1 for c in outside), outside
   assert len([c for c in inside if c.shape]) == 11, inside  # one per leaf
   per_sync = sum(c.bytes_on_wire for c in inside)
-  abstract = jax.eval_shape(lambda: make_state().params)
   assert par.wire_bytes(abstract) == pytest.approx(per_sync / 10)
   t1 = lmtask.tc(mesh={"node": 8, "data": 1}, diloco=dict(sync_every=1), **SGD)
   assert trainer.plan_parallel(t1, mesh).wire_bytes(abstract) == pytest.approx(per_sync)
@@ -112,24 +120,13 @@ def test_inner_state_sync_gives_every_replica_the_mean_momentum(tmp_path):
 def test_inner_state_sync_bytes_match_the_program():
   """The bytes `sync_inner_opt` adds (one all-reduce per momentum leaf) are
   the ones in the lowered sync branch."""
-  mesh = lmtask.mesh({"node": 2, "data": 4})
   texts, pars = [], []
   for flag in (False, True):
-    t = lmtask.tc(mesh={"node": 2, "data": 4}, **MOMENTUM,
-                  diloco=dict(sync_every=5, sync_inner_opt=flag))
-    task = lmtask.task(t)
-    par = trainer.plan_parallel(t, mesh)
-    make_state, sh = trainer.init_state(task, par.tx, mesh, parallel=par)
-    batch = next(task.batches(0))
-    bsh = trainer.batch_shardings_for(batch, mesh)
-    step = trainer.make_train_step(task.loss_fn, mesh, sh, bsh, 1,
-                                   communicator=par.communicator,
-                                   diloco=par.diloco, inner_tx=par.inner_tx)
-    with jax.set_mesh(mesh):
-      texts.append(step.lower(make_state(), trainer.put_batch(batch, bsh),
-                              jax.random.key(0)).as_text())
+    text, par, abstract = _lowered(
+        {"node": 2, "data": 4}, **MOMENTUM,
+        diloco=dict(sync_every=5, sync_inner_opt=flag))
+    texts.append(text)
     pars.append(par)
-  abstract = jax.eval_shape(lambda: make_state().params)
   for text, par in zip(texts, pars):
     inside = [c for c in hlo.collectives(text)
               if c.in_branch and c.group_size == 2]

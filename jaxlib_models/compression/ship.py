@@ -174,6 +174,18 @@ def train_one(cfg, lam: float, pool_dev, args, init=None) -> tuple[dict, dict]:
   return jax.device_get(state.params), info
 
 
+def corpus_record(folder: str) -> list[dict] | str:
+  """What a model was trained on: the folder's MANIFEST.json rows (name,
+  package, licence), or a description of the default corpus."""
+  if not folder:
+    return "libjxl-testdata (data.TRAIN_SET, CC0)"
+  path = os.path.join(folder, "MANIFEST.json")
+  if not os.path.exists(path):
+    return f"PNG folder {folder} (no MANIFEST.json)"
+  return [{k: r.get(k) for k in ("name", "package", "version", "licence")}
+          for r in io.read_json(path)["photos"]]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -192,7 +204,9 @@ def main(argv=None):
   p.add_argument("--init", default="",
                  help="folder of earlier hyperprior_lam*.npz to continue from")
   p.add_argument("--train-folder", default="",
-                 help="PNG folder to train on instead of libjxl-testdata")
+                 help="PNG folder to train on instead of libjxl-testdata"
+                 " (the shipped models: `python -m"
+                 " jaxlib_models.compression.corpus --out DIR`)")
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   cfg = hyperprior.HyperpriorConfig(N=args.N, M=args.M)
@@ -210,10 +224,11 @@ def main(argv=None):
       init = dict(np.load(base + ".npz"))
       prev = io.read_json(base + ".json")
     params, info = train_one(cfg, lam, pool_dev, args, init)
+    info["corpus"] = corpus_record(args.train_folder)
     if prev:
       info["continued_from"] = {k: prev.get(k) for k in (
           "steps", "train_seconds", "device", "batch", "crop", "lr",
-          "continued_from")}
+          "corpus", "continued_from")}
     save_model(os.path.join(args.out, f"hyperprior_lam{lam:g}"), cfg,
                params, info)
     fm = info["final_metrics"]

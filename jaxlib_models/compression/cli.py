@@ -131,14 +131,20 @@ def cmd_rd(args) -> int:
   from jaxlib_models.compression import rd  # noqa: PLC0415
 
   images = data.eval_photos(args.photos.split(",") if args.photos else None)
+  folder = args.models or pretrained.DIR
+  if not pretrained.names(folder):
+    raise SystemExit(f"no hyperprior_lam*.npz models in {folder} (write"
+                     " them with python -m jaxlib_models.compression.ship)")
   points = []
-  for n in pretrained.names():
-    cod = pretrained.load(n)
+  for n in pretrained.names(folder):
+    cod = pretrained.load(n, folder)
     points.append(rd.LearnedPoint(
         n, lambda img, c=cod: codec_lib.compress(c, img)[0],
         lambda b, c=cod: codec_lib.decompress(c, b),
         lambda img, c=cod: estimate_bits(c, img)))
-  res = rd.run_rd(images, {"hyperprior (shipped)": points},
+  label = ("hyperprior (shipped)" if not args.models
+           else f"hyperprior ({os.path.basename(os.path.normpath(folder))})")
+  res = rd.run_rd(images, {label: points},
                   anchors=tuple(args.anchors.split(",")))
   files = rd.write_report(res, args.out)
   print("\n".join(f"wrote {v}" for v in files.values()))
@@ -178,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--photos", default="",
                  help="comma-separated subset of the evaluation photos")
   r.add_argument("--anchors", default="jpeg,webp,avif,jxl")
+  r.add_argument("--models", default="",
+                 help="folder of hyperprior_lam*.npz/.json models written by"
+                 " compression.ship (default: the shipped ones)")
   r.set_defaults(fn=cmd_rd)
   return p
 

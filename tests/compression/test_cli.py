@@ -1,6 +1,7 @@
 """jlic encode/decode with the shipped models, the corpus split, and the
 shipped-model budget (issue 6: CLI, data, small trained models)."""
 
+import json
 import os
 
 import numpy as np
@@ -109,3 +110,23 @@ def test_real_bits_within_two_percent_of_the_estimate():
     est = cli.estimate_bits(cod, img)
     assert real / img.shape[0] / img.shape[1] >= 0.1
     assert abs(real / est - 1) <= 0.02, (name, real, est)
+
+
+def test_rd_on_a_folder_of_own_models(tmp_path, capsys):
+  import jax
+  import jax.numpy as jnp
+
+  from jaxlib_models.compression import hyperprior, ship
+  with pytest.raises(SystemExit, match="no hyperprior_lam"):
+    cli.main(["rd", "--models", str(tmp_path), "--out", str(tmp_path)])
+  cfg = hyperprior.HyperpriorConfig(N=8, M=8)
+  params = hyperprior.Hyperprior(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  folder = tmp_path / "mine"
+  folder.mkdir()
+  ship.save_model(str(folder / "hyperprior_lam0.01"), cfg, params, {})
+  out = tmp_path / "rd"
+  assert cli.main(["rd", "--models", str(folder), "--photos", "coffee",
+                   "--anchors", "jpeg", "--out", str(out)]) == 0
+  report = json.loads((out / "rd.json").read_text())
+  assert "hyperprior (mine)" in json.dumps(report)

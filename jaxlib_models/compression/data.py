@@ -11,8 +11,8 @@ Two disjoint sets, so that no evaluation photo is ever trained on:
 - `training_photos()`: the CC0 photographs of Debian's `libjxl-testdata`
   (`apt-get install libjxl-testdata`): flower.png (2268x1512), hdr_room.png
   and three 500x500 wesaturate photos; or any folder of PNGs. Five photos are
-  a small corpus: models trained on them are demonstrations, not
-  competitive codecs.
+  a small corpus (models trained on them overfit); `compression.corpus`
+  builds the 27-photo folder the shipped models were trained on.
 
 `builtin_photos()` (paths of every package photo) and `load_folder()` (any
 folder of PNGs, e.g. a user's Kodak) are kept for the tiny configs and users.

@@ -5,10 +5,12 @@
   codec = pretrained.load("hyperprior-q2")
 
 Each model is a mean-scale hyperprior (N = 64, M = 96) trained by
-`compression.ship` on the libjxl-testdata photos (never on the evaluation
+`compression.ship`: 45 s on an H200 on the five libjxl-testdata photos, then
+on a CPU on the 27 photos of `compression.corpus` (never on the evaluation
 photos); q1..qK sort the models by lambda (rate). The JSON beside each file
-says how it was trained (device, steps, seconds). They are small and briefly
-trained: demonstration models, not competitive codecs (benchmarks/RESULTS.md).
+says how each phase was trained (device, steps, seconds, corpus). They are
+small and briefly trained: close to JPEG at low rates, not competitive
+learned codecs (benchmarks/RESULTS.md).
 Weights are stored as float16 and used as float32 (the model id hashes the
 values actually used, so every machine agrees on it).
 """

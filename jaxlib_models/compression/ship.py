@@ -10,7 +10,8 @@ the foundation's jitted train step (`core.trainer.make_train_step`) on one
 device: Adam (quantiles at 10x, `Task.lr_scales`), global-norm clip 1.0, the
 learning rate dropped 10x for the last 20 % of the budget. Crops: a pool of
 `--pool` random crops (with random flips) of the training photos
-(`data.training_photos()`: libjxl-testdata, never the evaluation photos),
+(`data.training_photos()`: libjxl-testdata, or `--train-folder`, e.g. the
+27 photos of `compression.corpus`; never the evaluation photos),
 drawn with probability proportional to photo area and kept on the device;
 each step gathers `--batch` of them.
 

@@ -49,8 +49,8 @@ def test_build_from_trees_writes_shrunk_pngs_and_manifest(tmp_path):
     assert img.shape == (45, 65, 3)  # 90 x 130 halved
     assert r["shrink"] == 2 and r["licence"] == "GPL-2+"
   # The shrink is a Lanczos resample of the source, not a crop.
-  src = data.load_image(os.path.join(
-      trees["mate-backgrounds"], corpus.WALLPAPERS["mate-backgrounds"][2][0][1]))
+  first = corpus.WALLPAPERS["mate-backgrounds"][2][0][1]
+  src = data.load_image(os.path.join(trees["mate-backgrounds"], first))
   np.testing.assert_array_equal(
       data.load_image(str(out / "mate_aqua.png")), corpus.shrink(src, 2))
   assert not set(manifest[0]) - {"name", "package", "version", "path",

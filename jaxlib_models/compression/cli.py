@@ -132,11 +132,12 @@ def cmd_rd(args) -> int:
 
   images = data.eval_photos(args.photos.split(",") if args.photos else None)
   folder = args.models or pretrained.DIR
-  if not pretrained.names(folder):
+  names = pretrained.names(folder)
+  if not names:
     raise SystemExit(f"no hyperprior_lam*.npz models in {folder} (write"
                      " them with python -m jaxlib_models.compression.ship)")
   points = []
-  for n in pretrained.names(folder):
+  for n in names:
     cod = pretrained.load(n, folder)
     points.append(rd.LearnedPoint(
         n, lambda img, c=cod: codec_lib.compress(c, img)[0],

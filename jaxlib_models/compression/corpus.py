@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import io as _io
 import math
 import os
 import shutil
@@ -107,12 +108,11 @@ def _extract(deb: str, dest: str) -> None:
 
 
 def _write_png(path: str, img: np.ndarray) -> str:
-  """Writes atomically; returns the file's sha256."""
-  tmp = path + ".tmp.png"
-  Image.fromarray(img).save(tmp)
-  os.replace(tmp, path)
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  """Writes atomically (`io.write_bytes`); returns the file's sha256."""
+  buf = _io.BytesIO()
+  Image.fromarray(img).save(buf, format="PNG")
+  io.write_bytes(path, buf.getvalue())
+  return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def build_from_trees(out: str, trees: dict[str, str],

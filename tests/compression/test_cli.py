@@ -112,7 +112,7 @@ def test_real_bits_within_two_percent_of_the_estimate():
     assert abs(real / est - 1) <= 0.02, (name, real, est)
 
 
-def test_rd_on_a_folder_of_own_models(tmp_path, capsys):
+def test_rd_on_a_folder_of_own_models(tmp_path):
   import jax
   import jax.numpy as jnp
 

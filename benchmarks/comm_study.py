@@ -47,6 +47,22 @@ VARIANTS = {
     "topk": ("top-k 1% + EF", {"comm": {"name": "topk", "ratio": 0.01}}),
     "sign_mv": ("sign, majority vote + EF", {"comm": {"name": "sign_mv"}}),
     "powersgd": ("PowerSGD r=4 + EF", {"comm": {"name": "powersgd", "rank": 4}}),
+    # PowerSGD r=4 with the tied embedding (256 x 256: the input lookup and
+    # the output softmax's weight) at its own rank: 24 keeps the payload
+    # >= 30x below the exact mean's; 256 sends it exactly (a diagnostic).
+    "powersgd_embed24": ("PowerSGD r=4, tied embedding r=24 + EF",
+                         {"comm": {"name": "powersgd", "rank": 4,
+                                   "rank_overrides": "embed=24"}}),
+    "powersgd_embed_exact": ("PowerSGD r=4, tied embedding exact + EF",
+                             {"comm": {"name": "powersgd", "rank": 4,
+                                       "rank_overrides": "embed=256"}}),
+    # Ranks moved to where the mean gradient's spectrum is flattest late in
+    # training (MLPs, embedding) from where rank 2 holds 80-90 % of it (q, k
+    # projections); payload still >= 30x below the exact mean's.
+    "powersgd_alloc": ("PowerSGD r=4 (MLP r=6, embedding r=11, q/k r=2) + EF",
+                       {"comm": {"name": "powersgd", "rank": 4,
+                                 "rank_overrides": "embed=11,mlp=6,"
+                                                   "q_proj=2,k_proj=2"}}),
     "diloco": ("DiLoCo H=20 (Nesterov outer)",
                {"diloco": {"sync_every": 20},
                 "mesh": {"node": 8, "data": 1}}),
@@ -90,7 +106,9 @@ PRESETS = {
     # AdamW (configs/lm/pretrain.py: lr 3e-3), same schedule.
     "adamw": dict(lr_schedule="cosine", warmup_steps=30),
 }
-GOALS = {"powersgd": ("bytes", 30.0), "topk": ("bytes", 30.0),
+GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
+         "powersgd_alloc": ("bytes", 30.0),
+         "topk": ("bytes", 30.0),
          "topk_dgc": ("bytes", 30.0), "topk_leader": ("bytes", 30.0),
          "diloco": ("syncs", 20.0),
          "diloco_islands": ("syncs", 20.0),

@@ -101,6 +101,11 @@ class CommConfig:
   scale_randomk: bool = False  # Scale randomk by d/k (unbiased, no EF).
   levels: int = 4  # QSGD levels s.
   rank: int = 4  # PowerSGD rank r (capped per tensor by its shape).
+  # Per-tensor PowerSGD ranks, "REGEX=RANK,REGEX=RANK": the first regex that
+  # re.search-es a parameter's path (e.g. "embed_tokens_embedding",
+  # "model_layers_mlp_up_proj_kernel") sets its rank; the others take `rank`.
+  # A rank at or above a tensor's full rank sends it exactly.
+  rank_overrides: str = ""
   # How PowerSGD views a tensor with ndim >= 3 as matrices. "batched": the
   # last two dims are the matrix, leading dims a batch of independent
   # matrices with rank r each (right for scanned layer stacks (L, in, out) and
@@ -147,6 +152,7 @@ class CommConfig:
       raise ValueError(f"comm.levels={self.levels} must be >= 1")
     if self.rank < 1:
       raise ValueError(f"comm.rank={self.rank} must be >= 1")
+    self.rank_pairs  # Validates.
     if self.powersgd_view not in ("batched", "flat"):
       raise ValueError(f"comm.powersgd_view={self.powersgd_view!r}: choose"
                        " 'batched' or 'flat'")
@@ -184,6 +190,31 @@ class CommConfig:
     return cls(**d)
 
   @property
+  def rank_pairs(self) -> tuple[tuple[str, int], ...]:
+    """`rank_overrides` parsed: ((regex, rank), ...)."""
+    pairs = []
+    for item in filter(None, (t.strip()
+                              for t in self.rank_overrides.split(","))):
+      pat, eq, r = item.rpartition("=")
+      if not eq or not pat or not r.strip().isdigit() or int(r) < 1:
+        raise ValueError(
+            f"comm.rank_overrides={self.rank_overrides!r}: {item!r} is not"
+            " REGEX=RANK with RANK >= 1 (e.g. 'embed=24,mlp=8')")
+      try:
+        re.compile(pat)
+      except re.error as e:
+        raise ValueError(f"comm.rank_overrides: bad regex {pat!r} ({e})")
+      pairs.append((pat, int(r)))
+    return tuple(pairs)
+
+  def rank_for(self, path_name: str) -> int:
+    """The PowerSGD rank of the tensor at `path_name` (before the cap)."""
+    for pat, r in self.rank_pairs:
+      if re.search(pat, path_name):
+        return r
+    return self.rank
+
+  @property
   def uses_ef(self) -> bool:
     """Whether compressed tensors keep an error-feedback residual."""
     if not self.error_feedback or self.name not in _EF_NAMES:
@@ -209,9 +240,13 @@ class _Leaf:
     return math.prod(self.work)
 
 
-def _leaf_name(i: int, path) -> str:
+def _path_name(path) -> str:
   s = jax.tree_util.keystr(path, simple=True, separator="_")
-  return f"{i:04d}_" + re.sub(r"[^0-9A-Za-z_]", "_", s)
+  return re.sub(r"[^0-9A-Za-z_]", "_", s)
+
+
+def _leaf_name(i: int, path) -> str:
+  return f"{i:04d}_" + _path_name(path)
 
 
 def _matrix(shape) -> tuple[int, int]:
@@ -360,7 +395,7 @@ class Communicator:
       rank = k = 0
       if compress and cfg.name == "powersgd":
         m, c = work[-2:]
-        rank = min(cfg.rank, m, c)
+        rank = min(cfg.rank_for(_path_name(path)), m, c)
         compress = rank * (m + c) < m * c
         rank = rank if compress else 0
       if compress and cfg.name in ("randomk", "topk"):

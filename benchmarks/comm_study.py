@@ -115,6 +115,19 @@ GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "diloco_islands_mom": ("syncs", 20.0)}
 
 
+def parse_sets(items) -> dict:
+  """["key=value", ...] -> {key: value}, values parsed as JSON when they can
+  be."""
+  out = {}
+  for kv in items:
+    k, _, v = kv.partition("=")
+    try:
+      out[k] = json.loads(v)
+    except json.JSONDecodeError:
+      out[k] = v
+  return out
+
+
 def make_config(steps: int, overrides: dict, train_set: dict | None = None):
   from configs.lm import pretrain as lm_config
 
@@ -323,12 +336,7 @@ def main(argv=None):
   args.out = args.out or ("benchmarks/comm_study" if args.preset == "sgd"
                           else f"benchmarks/comm_study_{args.preset}")
   train_set = dict(PRESETS[args.preset])
-  for kv in args.set:
-    k, _, v = kv.partition("=")
-    try:
-      train_set[k] = json.loads(v)
-    except json.JSONDecodeError:
-      train_set[k] = v
+  train_set.update(parse_sets(args.set))
   results = []
   for n in names:
     if args.report_only:

@@ -245,6 +245,35 @@ def _path_name(path) -> str:
   return re.sub(r"[^0-9A-Za-z_]", "_", s)
 
 
+def lowrank_energy(grads, ranks: Sequence[int]) -> list[dict]:
+  """Share of each gradient matrix's energy in its top singular values.
+
+  A host-side diagnostic for choosing PowerSGD ranks (`rank_overrides`):
+  for every leaf with ndim >= 2 (each matrix of a stacked (L, m, n) leaf
+  separately, as the batched view compresses it), the fraction of the
+  squared Frobenius norm held by the top r singular values.
+
+  Returns:
+    [{"tensor": path name, "layer": index in the stack, "norm": float,
+      "top": {str(r): share}}], in tree order.
+  """
+  import numpy as np  # noqa: PLC0415
+
+  rows = []
+  for path, x in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    x = np.asarray(x, np.float64)
+    if x.ndim < 2:
+      continue
+    for layer, m in enumerate(x.reshape((-1,) + x.shape[-2:])):
+      s2 = np.linalg.svd(m, compute_uv=False) ** 2
+      total = float(s2.sum())
+      rows.append({"tensor": _path_name(path), "layer": layer,
+                   "norm": total ** 0.5,
+                   "top": {str(r): float(s2[:r].sum()) / total if total else 1.0
+                           for r in ranks}})
+  return rows
+
+
 def _leaf_name(i: int, path) -> str:
   return f"{i:04d}_" + _path_name(path)
 

@@ -310,6 +310,21 @@ def test_powersgd_rank_overrides_per_tensor():
                 key=C.sort_key) == want
 
 
+def test_lowrank_energy_finds_the_rank():
+  """A stack of two matrices of rank 1 and 3: top-1 holds all of the first
+  and not of the second, top-3 all of both; vectors are skipped."""
+  k1, k2 = jax.random.split(jax.random.key(7))
+  a = jax.random.normal(k1, (2, 20, 3))
+  b = jax.random.normal(k2, (2, 3, 12))
+  a = a.at[0, :, 1:].set(0.0)  # First layer: rank 1.
+  w = np.asarray(jnp.einsum("lmr,lrn->lmn", a, b))
+  rows = comm.lowrank_energy({"w": w, "bias": np.ones(5)}, [1, 3])
+  assert [(r["tensor"], r["layer"]) for r in rows] == [("w", 0), ("w", 1)]
+  assert rows[0]["top"]["1"] == pytest.approx(1.0, abs=1e-9)
+  assert rows[1]["top"]["1"] < 0.99
+  assert rows[1]["top"]["3"] == pytest.approx(1.0, abs=1e-9)
+  assert rows[1]["norm"] == pytest.approx(np.linalg.norm(w[1]), rel=1e-9)
+
 @pytest.mark.parametrize("spec", ["embed", "embed=0", "embed=x", "=4",
                                   "a(=4"])
 def test_rank_overrides_rejects_bad_specs(spec):

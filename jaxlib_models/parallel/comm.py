@@ -65,6 +65,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxlib_models.parallel import hlo
@@ -152,7 +153,7 @@ class CommConfig:
       raise ValueError(f"comm.levels={self.levels} must be >= 1")
     if self.rank < 1:
       raise ValueError(f"comm.rank={self.rank} must be >= 1")
-    self.rank_pairs  # Validates.
+    _ = self.rank_pairs  # Parses, so a bad spec fails here.
     if self.powersgd_view not in ("batched", "flat"):
       raise ValueError(f"comm.powersgd_view={self.powersgd_view!r}: choose"
                        " 'batched' or 'flat'")
@@ -257,8 +258,6 @@ def lowrank_energy(grads, ranks: Sequence[int]) -> list[dict]:
     [{"tensor": path name, "layer": index in the stack, "norm": float,
       "top": {str(r): share}}], in tree order.
   """
-  import numpy as np  # noqa: PLC0415
-
   rows = []
   for path, x in jax.tree_util.tree_flatten_with_path(grads)[0]:
     x = np.asarray(x, np.float64)

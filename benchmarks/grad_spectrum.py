@@ -40,6 +40,7 @@ def main(argv=None):
                   help="data position of the global batch used (default 150)")
   ap.add_argument("--ranks", default="4,8,16,32")
   ap.add_argument("--json", help="also write the rows here")
+  ap.add_argument("--png", help="also plot the top-r shares per tensor here")
   args = ap.parse_args(argv)
 
   import jax
@@ -79,6 +80,40 @@ def main(argv=None):
   if args.json:
     from jaxlib_models.core import io
     io.write_json(args.json, out)
+  if args.png:
+    _plot(out, ranks, args.png)
+
+
+def _plot(out: dict, ranks, path: str) -> None:
+  """One panel per checkpoint: share of energy per tensor, a bar per rank."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import io as io_mod
+
+  import numpy as np
+
+  from jaxlib_models.core import io
+
+  fig, axes = plt.subplots(1, len(out), figsize=(6 * len(out), 5),
+                           sharey=True, squeeze=False)
+  for ax, (tag, rows) in zip(axes[0], out.items()):
+    labels = [f"{r['tensor'].removeprefix('model_')}[{r['layer']}]"
+              for r in rows]
+    x = np.arange(len(rows))
+    w = 0.8 / len(ranks)
+    for i, k in enumerate(ranks):
+      ax.bar(x + i * w, [r["top"][str(k)] for r in rows], w, label=f"r={k}")
+    ax.set_xticks(x + 0.4 - w / 2, labels, rotation=90, fontsize=7)
+    ax.set_title(tag)
+    ax.set_ylim(0, 1)
+  axes[0][0].set_ylabel("top-r share of |grad|^2")
+  axes[0][0].legend()
+  fig.tight_layout()
+  buf = io_mod.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  io.write_bytes(path, buf.getvalue())
 
 
 if __name__ == "__main__":

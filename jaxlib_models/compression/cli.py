@@ -181,10 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
   m = sub.add_parser("models", help="list the shipped models")
   m.set_defaults(fn=cmd_models)
   r = sub.add_parser("rd", help="rate-distortion report on the held-out photos")
-  r.add_argument("--out", default="eval/compression_rd")
+  r.add_argument("--out", default="eval/compression_rd",
+                 help="folder for rd.md, rd.json and rd.png (default"
+                 " %(default)s)")
   r.add_argument("--photos", default="",
                  help="comma-separated subset of the evaluation photos")
-  r.add_argument("--anchors", default="jpeg,webp,avif,jxl")
+  r.add_argument("--anchors", default="jpeg,webp,avif,jxl",
+                 help="classical codecs measured on the same photos"
+                 " (default %(default)s; avif and jxl are skipped with a"
+                 " note when their encoder is not installed)")
   r.add_argument("--models", default="",
                  help="folder of hyperprior_lam*.npz/.json models written by"
                  " compression.ship (default: the shipped ones)")

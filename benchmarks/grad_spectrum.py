@@ -15,7 +15,7 @@ The `--set` values must be those the run was trained with (the study's
 """
 
 import argparse
-import json
+import io as io_mod
 import os
 import sys
 
@@ -38,7 +38,9 @@ def main(argv=None):
                   help="the run's --steps (default 300)")
   ap.add_argument("--batch-at", type=int, default=150,
                   help="data position of the global batch used (default 150)")
-  ap.add_argument("--ranks", default="4,8,16,32")
+  ap.add_argument("--ranks", default="4,8,16,32",
+                  help="comma-separated ranks r to report"
+                  " (default %(default)s)")
   ap.add_argument("--json", help="also write the rows here")
   ap.add_argument("--png", help="also plot the top-r shares per tensor here")
   args = ap.parse_args(argv)
@@ -89,8 +91,6 @@ def _plot(out: dict, ranks, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import io as io_mod
-
   import numpy as np
 
   from jaxlib_models.core import io

@@ -325,6 +325,7 @@ def test_lowrank_energy_finds_the_rank():
   assert rows[1]["top"]["3"] == pytest.approx(1.0, abs=1e-9)
   assert rows[1]["norm"] == pytest.approx(np.linalg.norm(w[1]), rel=1e-9)
 
+
 @pytest.mark.parametrize("spec", ["embed", "embed=0", "embed=x", "=4",
                                   "a(=4"])
 def test_rank_overrides_rejects_bad_specs(spec):

@@ -160,11 +160,14 @@ def _check_image(img) -> np.ndarray:
   return img
 
 
-def compress(codec: Codec, img, *, skip_channels: bool | None = None
+def compress(codec: Codec, img, *, skip_channels: bool | None = None,
+             refine=None, info: dict | None = None
              ) -> tuple[bytes, np.ndarray]:
   """Encodes an (H, W, 3) uint8 image; returns (file bytes, the decoder's
   reconstruction). skip_channels (context models only) overrides the
-  config's `skip_channels`."""
+  config's `skip_channels`. refine: a `refine.RefineConfig` to optimize the
+  latents for this image before coding (slower encode, same decoder); its
+  before/after figures go into `info["refine"]` when info is a dict."""
   img = _check_image(img)
   if codec.context == "none" and skip_channels:
     raise ValueError("channel skipping needs a context model (the plain "
@@ -175,6 +178,12 @@ def compress(codec: Codec, img, *, skip_channels: bool | None = None
   x = jnp.asarray(x[None].astype(np.float32) / 255.0)
   enc, _, _ = codec._fns
   y, z = (np.asarray(a) for a in enc(codec.params, x))
+  if refine is not None:
+    from jaxlib_models.compression import refine as refine_lib  # noqa: PLC0415
+
+    y, z, rinfo = refine_lib.refine_latents(codec, x, y, z, h, w, refine)
+    if info is not None:
+      info["refine"] = rinfo
   z_bytes = bottleneck.encode_z(z, codec.z_table, codec.z_medians)
   z_hat = (np.round(z - codec.z_medians) + codec.z_medians).astype(
       np.float32)

@@ -247,7 +247,12 @@ class Hyperprior(nn.Module):
   def __call__(self, x_BHW3, rng=None, training: bool = False):
     """Returns dict(x_hat, y_hat, y_lik, z_lik)."""
     y = self.analysis(x_BHW3)
-    z = self.hyper_analysis(y)
+    return self.from_latents(y, self.hyper_analysis(y), rng, training)
+
+  def from_latents(self, y, z, rng=None, training: bool = False):
+    """The model after the two analysis transforms: quantization (noise in
+    training), likelihoods and synthesis from given latents y and z (the
+    encoder-side refinement optimizes them). Same dict as `__call__`."""
     kz = ky = None
     if training:
       if rng is None:

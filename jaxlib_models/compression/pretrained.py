@@ -50,6 +50,15 @@ def info(name: str, folder: str = DIR) -> dict:
   return io.read_json(_stem(name, folder) + ".json")
 
 
+def lam(name: str, folder: str = DIR) -> float:
+  """The training lambda of a model: its record's, else its file name's
+  (hyperprior_lam<lambda>.npz)."""
+  rec = info(name, folder)
+  if "lambda" in rec:
+    return float(rec["lambda"])
+  return dict((s, v) for v, s in _files(folder))[_stem(name, folder)]
+
+
 def _stem(name: str, folder: str) -> str:
   files = _files(folder)
   known = names(folder)

@@ -130,3 +130,39 @@ def test_rd_on_a_folder_of_own_models(tmp_path):
                    "--anchors", "jpeg", "--out", str(out)]) == 0
   report = json.loads((out / "rd.json").read_text())
   assert "hyperprior (mine)" in json.dumps(report)
+
+
+def test_refined_encode_and_rd_curve(tmp_path, capsys):
+  """`encode --refine` writes a smaller-objective file the plain decoder
+  reads; `rd --refine` adds a second, bit-exact curve; bad flags fail."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxlib_models.compression import hyperprior, ship
+  img = np.ascontiguousarray(data.eval_photos(["coffee"])["coffee"][:64, :64])
+  src = tmp_path / "in.png"
+  Image.fromarray(img).save(src)
+  blob = tmp_path / "out.jlic"
+  assert cli.main(["encode", str(src), str(blob), "--model", "hyperprior-q1",
+                   "--refine", "3"]) == 0
+  assert "refinement (3 steps)" in capsys.readouterr().out
+  assert cli.main(["decode", str(blob), str(tmp_path / "out.png")]) == 0
+  with pytest.raises(SystemExit, match="needs --lam"):
+    cli.main(["encode", str(src), str(blob), "--checkpoint", str(tmp_path),
+              "--config", "x.py", "--refine", "3"])
+  with pytest.raises(SystemExit, match="--refine: refinement lr"):
+    cli.main(["encode", str(src), str(blob), "--refine", "3",
+              "--refine-lr", "0"])
+  cfg = hyperprior.HyperpriorConfig(N=8, M=8)
+  params = hyperprior.Hyperprior(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  folder = tmp_path / "mine"
+  folder.mkdir()
+  ship.save_model(str(folder / "hyperprior_lam0.01"), cfg, params, {})
+  out = tmp_path / "rd"
+  assert cli.main(["rd", "--models", str(folder), "--photos", "chelsea",
+                   "--anchors", "jpeg", "--out", str(out),
+                   "--refine", "2"]) == 0
+  curves = json.loads((out / "rd.json").read_text())["curves"]
+  assert set(curves) == {"hyperprior (mine)",
+                         "hyperprior (mine) + refinement (2 steps)", "jpeg"}

@@ -14,17 +14,13 @@ from scipy import stats
 from jaxlib_models.compression import (checkerboard, codec, coder, entropy,
                                        hyperprior, train)
 from jaxlib_models.core import trainer
+from tests.compression import images
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 N, M = 8, 12
 
 
-def _img(h, w, seed=0):
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[:h, :w]
-  base = (128 + 60 * np.sin(xx / 7.0)[..., None]
-          + 40 * np.cos(yy / 5.0)[..., None])
-  return np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+_img = images.smooth_noisy
 
 
 def calibrate(params, cfg):

@@ -112,19 +112,26 @@ def test_real_bits_within_two_percent_of_the_estimate():
     assert abs(real / est - 1) <= 0.02, (name, real, est)
 
 
-def test_rd_on_a_folder_of_own_models(tmp_path):
+def _own_model_folder(tmp_path):
+  """tmp_path/mine with one random tiny model as compression.ship writes
+  it (no lambda in its record: the file name carries it)."""
   import jax
   import jax.numpy as jnp
 
   from jaxlib_models.compression import hyperprior, ship
-  with pytest.raises(SystemExit, match="no hyperprior_lam"):
-    cli.main(["rd", "--models", str(tmp_path), "--out", str(tmp_path)])
   cfg = hyperprior.HyperpriorConfig(N=8, M=8)
   params = hyperprior.Hyperprior(cfg).init(
       jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
   folder = tmp_path / "mine"
   folder.mkdir()
   ship.save_model(str(folder / "hyperprior_lam0.01"), cfg, params, {})
+  return folder
+
+
+def test_rd_on_a_folder_of_own_models(tmp_path):
+  with pytest.raises(SystemExit, match="no hyperprior_lam"):
+    cli.main(["rd", "--models", str(tmp_path), "--out", str(tmp_path)])
+  folder = _own_model_folder(tmp_path)
   out = tmp_path / "rd"
   assert cli.main(["rd", "--models", str(folder), "--photos", "coffee",
                    "--anchors", "jpeg", "--out", str(out)]) == 0
@@ -153,12 +160,7 @@ def test_refined_encode_and_rd_curve(tmp_path, capsys):
   with pytest.raises(SystemExit, match="--refine: refinement lr"):
     cli.main(["encode", str(src), str(blob), "--refine", "3",
               "--refine-lr", "0"])
-  cfg = hyperprior.HyperpriorConfig(N=8, M=8)
-  params = hyperprior.Hyperprior(cfg).init(
-      jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
-  folder = tmp_path / "mine"
-  folder.mkdir()
-  ship.save_model(str(folder / "hyperprior_lam0.01"), cfg, params, {})
+  folder = _own_model_folder(tmp_path)
   out = tmp_path / "rd"
   assert cli.main(["rd", "--models", str(folder), "--photos", "chelsea",
                    "--anchors", "jpeg", "--out", str(out),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlib_models.compression import codec, hyperprior
+from tests.compression import images
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -21,11 +22,7 @@ def tiny():
   return codec.Codec.from_params(CFG, params)
 
 
-def _img(h, w, seed=0):
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[:h, :w]
-  base = 128 + 60 * np.sin(xx / 7.0)[..., None] + 40 * np.cos(yy / 5.0)[..., None]
-  return np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+_img = images.smooth_noisy
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (70, 45), (1, 130), (129, 3)])

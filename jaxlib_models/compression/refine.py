@@ -37,8 +37,9 @@ on both rate and synthesis +4 % to +30 % (it stalls, as Yang et al. report),
 SGA 50 steps at lr 0.01 -5.0 % to -7.0 %, 100 steps -6.0 % to -8.2 %.
 
 Unknowns and defaults: the papers run thousands of steps on a GPU; we
-default to 50 (lr 0.01), which keeps a CPU encode at tens of seconds per
-megapixel; the noise keys are fixed per step, so encoding is deterministic.
+default to 50 (lr 0.01): 68-75 s per held-out photo (0.28 megapixels on
+average) on 2 shared CPU cores, against ~2 s for the plain encoder; the
+noise keys are fixed per step, so encoding is deterministic.
 """
 
 from __future__ import annotations

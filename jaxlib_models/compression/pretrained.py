@@ -53,10 +53,10 @@ def info(name: str, folder: str = DIR) -> dict:
 def lam(name: str, folder: str = DIR) -> float:
   """The training lambda of a model: its record's, else its file name's
   (hyperprior_lam<lambda>.npz)."""
-  rec = info(name, folder)
+  rec = info(name, folder)  # Also checks the name.
   if "lambda" in rec:
     return float(rec["lambda"])
-  return dict((s, v) for v, s in _files(folder))[_stem(name, folder)]
+  return _files(folder)[names(folder).index(name)][0]
 
 
 def _stem(name: str, folder: str) -> str:

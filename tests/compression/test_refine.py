@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlib_models.compression import codec, hyperprior
-from jaxlib_models.compression import refine
+from jaxlib_models.compression import codec, hyperprior, refine
 from tests.compression import images
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -26,11 +25,6 @@ def _codec(**kw):
 
 
 _img = images.smooth_noisy
-
-
-def _objective(bits: int, recon, img, lam) -> float:
-  mse = np.mean((recon.astype(np.float64) - img) ** 2) / 255.0**2
-  return lam * 255.0**2 * mse + bits / (img.shape[0] * img.shape[1])
 
 
 @pytest.mark.parametrize("context, relax", [("none", "sga"),
@@ -50,8 +44,8 @@ def test_refined_file_decodes_exactly_and_scores_better(context, relax):
   j0, j1 = ri["objective"]
   assert j1 < 0.97 * j0, ri  # Random g_a: a large amortization gap.
   # The real files agree: the refined one costs less on the objective.
-  assert (_objective(8 * len(data1), r1, img, cfg.lam)
-          < _objective(8 * len(plain), r0, img, cfg.lam))
+  assert (images.file_objective(len(data1), r1, img, cfg.lam)
+          < images.file_objective(len(plain), r0, img, cfg.lam))
   again, _ = codec.compress(cod, img, refine=cfg)
   assert again == data1  # Deterministic encode (fixed noise keys).
 

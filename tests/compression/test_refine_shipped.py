@@ -5,11 +5,7 @@ fixture, which would make this 64-channel model ~8x slower)."""
 import numpy as np
 
 from jaxlib_models.compression import codec, data, pretrained, refine
-
-
-def _objective(bits: int, recon, img, lam) -> float:
-  mse = np.mean((recon.astype(np.float64) - img) ** 2) / 255.0**2
-  return lam * 255.0**2 * mse + bits / (img.shape[0] * img.shape[1])
+from tests.compression import images
 
 
 def test_shipped_model_gains_on_a_held_out_crop():
@@ -18,7 +14,7 @@ def test_shipped_model_gains_on_a_held_out_crop():
   real file (bits + lambda * distortion) follows."""
   name = pretrained.names()[0]
   cod = pretrained.load(name)
-  lam = pretrained.info(name)["lambda"]
+  lam = pretrained.lam(name)
   img = np.ascontiguousarray(data.eval_photos(["astronaut"])["astronaut"]
                              [128:256, 192:320])
   cfg = refine.RefineConfig(lam=lam, steps=25, lr=0.02)
@@ -28,5 +24,5 @@ def test_shipped_model_gains_on_a_held_out_crop():
   np.testing.assert_array_equal(codec.decompress(cod, data1), r1)
   j0, j1 = info["refine"]["objective"]
   assert j1 < 0.98 * j0, info["refine"]
-  assert (_objective(8 * len(data1), r1, img, lam)
-          < _objective(8 * len(plain), r0, img, lam))
+  assert (images.file_objective(len(data1), r1, img, lam)
+          < images.file_objective(len(plain), r0, img, lam))

@@ -128,6 +128,10 @@ def main(argv=None) -> int:
                  " teacher's N (default 0.5)")
   p.add_argument("--prune-steps", type=int, default=0,
                  help="step (iii) retraining steps (0: no pruning)")
+  p.add_argument("--train-folder", default=None,
+                 help="PNG folder to train the students on (the teachers'"
+                 " corpus: `python -m jaxlib_models.compression.corpus"
+                 " --out DIR`; default: libjxl-testdata's 5 photos)")
   p.add_argument("--out", default="benchmarks/kd_study")
   p.add_argument("--workdir", default="runs/kd_study")
   p.add_argument("--photos", default="all",
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   images = data.eval_photos(None if args.photos == "all"
                             else args.photos.split(","))
-  train_imgs = list(data.training_photos().values())
+  train_imgs = list(data.training_photos(args.train_folder).values())
   rows, t0 = [], time.perf_counter()
   names = (pretrained.names() if args.models == "all"
            else args.models.split(","))

@@ -209,6 +209,8 @@ def main(argv=None) -> int:
            + ("" if args.beta_feat is None
               else f" --beta-feat {args.beta_feat:g}")
            + ("" if args.models == "all" else f" --models {args.models}")
+           + ("" if args.train_folder is None
+              else f" --train-folder {args.train_folder}")
            + f"`; held-out photos: {len(images)}; real .jlic bitstreams.",
            "",
            "| model | lambda | teacher bpp | teacher PSNR | student bpp |"

@@ -66,6 +66,17 @@ VARIANTS = {
                        {"comm": {"name": "powersgd", "rank": 4,
                                  "rank_overrides": "embed=11,mlp=6,"
                                                    "q_proj=2,k_proj=2"}}),
+    # P and Q averaged in bf16 (PyTorch's bf16_compress_wrapper around
+    # powerSGD_hook): rank 8 then costs the bytes of rank 4 in f32, and the
+    # embedding's rank 48 those of rank 24 (= powersgd / powersgd_embed24).
+    "powersgd_bf16_r8": ("PowerSGD r=8, bf16 factors + EF",
+                         {"comm": {"name": "powersgd", "rank": 8,
+                                   "factor_dtype": "bfloat16"}}),
+    "powersgd_bf16_r8_embed48": ("PowerSGD r=8, tied embedding r=48, bf16"
+                                 " factors + EF",
+                                 {"comm": {"name": "powersgd", "rank": 8,
+                                           "rank_overrides": "embed=48",
+                                           "factor_dtype": "bfloat16"}}),
     "diloco": ("DiLoCo H=20 (Nesterov outer)",
                {"diloco": {"sync_every": 20},
                 "mesh": {"node": 8, "data": 1}}),
@@ -111,6 +122,8 @@ PRESETS = {
 }
 GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "powersgd_alloc": ("bytes", 30.0),
+         "powersgd_bf16_r8": ("bytes", 30.0),
+         "powersgd_bf16_r8_embed48": ("bytes", 30.0),
          "topk": ("bytes", 30.0),
          "topk_dgc": ("bytes", 30.0), "topk_leader": ("bytes", 30.0),
          "diloco": ("syncs", 20.0),

@@ -31,7 +31,8 @@ Compressors (d: tensor size, n: devices in the compressed group):
   signs and a pmean of the scales; g = mean_scale * sign(sum of signs).
 - powersgd: PowerSGD (arXiv 1905.13727), one warm-started power-iteration
   step per call: P = M Q, pmean, orthonormalise, Q = M^T P, pmean,
-  g = P Q^T; the tensor is viewed as (shape[0], rest).
+  g = P Q^T; the tensor is viewed as (shape[0], rest). P and Q travel in
+  f32 or, with factor_dtype="bfloat16", in bf16.
 
 EF (arXiv 1901.09847): p = g + e, and e <- p - C(p) with C(p) this device's
 own decompressed message, or e <- p - g_hat for PowerSGD (the shared
@@ -88,6 +89,7 @@ _EF_NAMES = ("randomk", "topk", "sign", "sign_mv", "powersgd")
 _TERNARY_NAMES = ("terngrad", "sign_mv")
 _Q_SEED = 0  # PowerSGD's initial Q comes from this fixed key on every device.
 _HIGHEST = jax.lax.Precision.HIGHEST
+_FACTOR_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,12 @@ class CommConfig:
   # exactly.
   min_size: int = 0
   orth_eps: float = 1e-8  # Added to column norms in PowerSGD's Gram-Schmidt.
+  # dtype of PowerSGD's P and Q on the wire: "float32", or "bfloat16" (half
+  # the bytes, so rank 2r costs what rank r does in f32; PyTorch's
+  # bf16_compress_wrapper around powerSGD_hook). The factors are averaged in
+  # that dtype and used in f32; the residual (e <- p - g_hat, g_hat from the
+  # received factors) carries the rounding.
+  factor_dtype: str = "float32"
   # Clip each device's local gradient to this global norm before error
   # feedback and compression (DGC's local clipping); 0 = off. Clipping the
   # synced mean instead (train.grad_clip) drops what it cuts from an
@@ -178,6 +186,9 @@ class CommConfig:
       raise ValueError(f"comm.start_iter={self.start_iter} must be >= 0")
     if self.min_size < 0:
       raise ValueError(f"comm.min_size={self.min_size} must be >= 0")
+    if self.factor_dtype not in _FACTOR_DTYPES:
+      raise ValueError(f"comm.factor_dtype={self.factor_dtype!r}: choose one"
+                       f" of {tuple(_FACTOR_DTYPES)}")
     if self.orth_eps < 0:
       raise ValueError(f"comm.orth_eps={self.orth_eps} must be >= 0")
 
@@ -310,7 +321,7 @@ def orthonormalize(p_MR: jax.Array, eps: float) -> jax.Array:
   return jnp.stack(cols, axis=1)
 
 
-def powersgd_round(m_MN, q_NR, axes, eps: float):
+def powersgd_round(m_MN, q_NR, axes, eps: float, wire_dtype=jnp.float32):
   """One PowerSGD step on this device's matrix (arXiv 1905.13727, Alg. 1).
 
   Args:
@@ -319,19 +330,23 @@ def powersgd_round(m_MN, q_NR, axes, eps: float):
     q_NR: the shared warm-start Q, (N, R) or (B, N, R).
     axes: mesh axes to average over.
     eps: orthogonalisation epsilon.
+    wire_dtype: dtype of P and Q in the two averages (computed in f32).
 
   Returns:
     (g_hat_MN, q_NR): the shared rank-R estimate of the mean of m_MN, and the
     averaged Q for the next step.
   """
-  p_MR = jax.lax.pmean(jnp.einsum("...mn,...nr->...mr", m_MN, q_NR,
-                                  precision=_HIGHEST), axes)
+  def mean(x):
+    return jax.lax.pmean(x.astype(wire_dtype), axes).astype(jnp.float32)
+
+  p_MR = mean(jnp.einsum("...mn,...nr->...mr", m_MN, q_NR,
+                         precision=_HIGHEST))
   ortho = functools.partial(orthonormalize, eps=eps)
   for _ in range(p_MR.ndim - 2):
     ortho = jax.vmap(ortho)
   p_MR = ortho(p_MR)
-  q_new_NR = jax.lax.pmean(jnp.einsum("...mn,...mr->...nr", m_MN, p_MR,
-                                      precision=_HIGHEST), axes)
+  q_new_NR = mean(jnp.einsum("...mn,...mr->...nr", m_MN, p_MR,
+                             precision=_HIGHEST))
   g_MN = jnp.einsum("...mr,...nr->...mn", p_MR, q_new_NR, precision=_HIGHEST)
   # A zero column (e.g. an all-zero gradient) would stay zero for ever.
   alive_R = jnp.sum(q_new_NR * q_new_NR, axis=-2, keepdims=True) > 0
@@ -611,7 +626,8 @@ class Communicator:
     cfg, axes, n = self.cfg, self.comm_axes, self.n_comm
     name = cfg.name
     if name == "powersgd":
-      g_hat, q_new = powersgd_round(p, q, axes, cfg.orth_eps)
+      g_hat, q_new = powersgd_round(p, q, axes, cfg.orth_eps,
+                                    _FACTOR_DTYPES[cfg.factor_dtype])
       return g_hat, g_hat, q_new
     if name == "bf16":
       mean = jax.lax.psum(p.astype(jnp.bfloat16), axes).astype(jnp.float32)
@@ -745,8 +761,9 @@ class Communicator:
         add("all_reduce", (leaf.size,), jnp.int8, n)
         add("all_reduce", (), jnp.float32, n)
       elif name == "powersgd":
-        add("all_reduce", w[:-1] + (leaf.rank,), jnp.float32, n)
-        add("all_reduce", w[:-2] + (w[-1], leaf.rank), jnp.float32, n)
+        fdt = _FACTOR_DTYPES[cfg.factor_dtype]
+        add("all_reduce", w[:-1] + (leaf.rank,), fdt, n)
+        add("all_reduce", w[:-2] + (w[-1], leaf.rank), fdt, n)
       if cfg.hierarchical:
         add("all_gather", w, jnp.float32, inner)
     if any(self._has_ef(leaf) for leaf in leaves):

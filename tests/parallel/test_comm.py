@@ -109,6 +109,7 @@ def _exact(grads):
     ({"start_iter": -1}, "comm.start_iter"),
     ({"min_size": -1}, "comm.min_size"),
     ({"topk_select": "global"}, "comm.topk_select"),
+    ({"factor_dtype": "float8"}, "comm.factor_dtype"),
 ])
 def test_bad_config_names_the_field(kw, field):
   with pytest.raises(ValueError, match=field):
@@ -225,6 +226,25 @@ def test_powersgd_exact_for_rank_r_gradients():
   ef = np.asarray(next(iter(state["ef"].values())))
   # EF residual is p - g_hat: each device's deviation from the mean.
   np.testing.assert_allclose(ef, np.asarray(grads["w"]) - exact, atol=1e-3)
+
+
+def test_powersgd_bf16_factors_recover_rank_r_within_bf16_rounding():
+  """bf16 P and Q: the rank-2 mean comes back to bf16 precision (a few
+  2^-8 relative), not to f32's (the factors really are rounded), and the
+  residual is still p - g_hat. Planted bugs caught: the cast skipped (error
+  at f32 level), the gradient itself sent in bf16 (no recovery at all)."""
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  grads = {"w": jnp.einsum("mr,drs,ns->dmn", jax.random.normal(k1, (64, 2)),
+                           jax.random.normal(k3, (8, 2, 2)),
+                           jax.random.normal(k2, (32, 2)))}
+  cfg = comm.CommConfig(name="powersgd", rank=2, factor_dtype="bfloat16")
+  out, state = _run(cfg, grads)[:2]
+  exact = _exact(grads)["w"]
+  err = np.abs(np.asarray(out["w"][0]) - exact).max() / np.abs(exact).max()
+  assert 1e-5 < err < 2e-2, err
+  ef = np.asarray(next(iter(state["ef"].values())))
+  np.testing.assert_allclose(ef, np.asarray(grads["w"]) - out["w"][0],
+                             atol=1e-5)
 
 
 def test_powersgd_survives_a_zero_gradient():
@@ -419,7 +439,7 @@ def _np_local(name, p_DN, k, support=None, lead=0):
 
 
 @pytest.mark.parametrize("name", ["randomk", "topk", "topk_leader", "sign",
-                                  "sign_mv", "powersgd"])
+                                  "sign_mv", "powersgd", "powersgd_bf16"])
 def test_error_feedback_telescopes(name):
   """Sum_t C(p_t) + e_T = Sum_t g_t over 5 steps: per device for local
   compressors (C re-derived in NumPy from p = g + e), averaged over devices
@@ -429,11 +449,16 @@ def test_error_feedback_telescopes(name):
   wraps to device 0): every device sends its p at the top-k indices of
   device (t mod 8)'s p. Planted bugs caught: e <- g - C(g) (old residual
   dropped), residuals averaged over devices, EF skipped, a leader that does
-  not rotate, every device using its own indices."""
+  not rotate, every device using its own indices. powersgd_bf16 (P and Q
+  averaged in bf16): the residual also carries the rounding of the factors.
+  """
   leader = name == "topk_leader"
+  factor_dtype = "bfloat16" if name == "powersgd_bf16" else "float32"
+  name = "powersgd" if name == "powersgd_bf16" else name
   steps, shape = (9 if leader else 5), (32, 16)
   cfg = comm.CommConfig(name="topk" if leader else name, ratio=0.1, rank=2,
-                        topk_select="leader" if leader else "local")
+                        topk_select="leader" if leader else "local",
+                        factor_dtype=factor_dtype)
   grads_t = [_grads(seed=t, w=shape) for t in range(steps)]
   _, step, state = _setup(cfg, grads_t[0])
   k = round(0.1 * 512)
@@ -508,15 +533,20 @@ TABLE = {
                 C("all_reduce", (2048,), "i8", 8)],
     "powersgd": [C("all_reduce", (32, 2), "f32", 8),
                  C("all_reduce", (64, 2), "f32", 8)],
+    "powersgd_bf16": [C("all_reduce", (32, 2), "bf16", 8),
+                      C("all_reduce", (64, 2), "bf16", 8)],
 }
 
 
-@pytest.mark.parametrize("name", comm.NAMES)
+@pytest.mark.parametrize("name", comm.NAMES + ("powersgd_bf16",))
 def test_wire_format_matches_the_table(name):
   """Lowered StableHLO of one call carries exactly the table's collectives
   (kind, operand shape, dtype, group), and so does wire_bytes_breakdown."""
   grads = _grads(w=(64, 32))
-  cfg = comm.CommConfig(name=name, ratio=0.05, rank=2, error_feedback=False)
+  bf16 = name == "powersgd_bf16"
+  cfg = comm.CommConfig(name="powersgd" if bf16 else name, ratio=0.05,
+                        rank=2, error_feedback=False,
+                        factor_dtype="bfloat16" if bf16 else "float32")
   got = sorted(hlo.collectives(_lowered(cfg, grads)), key=C.sort_key)
   assert got == sorted(TABLE[name], key=C.sort_key)
   c = _setup(cfg, grads)[0]
@@ -528,6 +558,9 @@ VARIANTS = [(comm.CommConfig(name=n, ratio=0.2, rank=2), FLAT)
 VARIANTS += [(comm.CommConfig(name="qsgd", levels=16), FLAT)]
 VARIANTS += [(comm.CommConfig(name=n, ratio=0.2, rank=2, hierarchical=True),
               HIER) for n in ("none", "bf16", "int8", "topk", "powersgd")]
+VARIANTS += [(comm.CommConfig(name="powersgd", rank=2, factor_dtype="bfloat16",
+                              hierarchical=h), HIER if h else FLAT)
+             for h in (False, True)]
 VARIANTS += [(comm.CommConfig(name="topk", ratio=0.2, topk_select="leader",
                               hierarchical=h), HIER if h else FLAT)
              for h in (False, True)]
@@ -536,6 +569,7 @@ VARIANTS += [(comm.CommConfig(name="topk", ratio=0.2, topk_select="leader",
 def _vid(v):
   cfg = v[0]
   return cfg.name + ("_gather" if cfg.levels > 4 else "") + (
+      "_bf16" if cfg.factor_dtype == "bfloat16" else "") + (
       "_leader" if cfg.topk_select == "leader" else "") + (
       "_hier" if cfg.hierarchical else "")
 

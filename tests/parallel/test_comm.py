@@ -231,8 +231,8 @@ def test_powersgd_exact_for_rank_r_gradients():
 def test_powersgd_bf16_factors_recover_rank_r_within_bf16_rounding():
   """bf16 P and Q: the rank-2 mean comes back to bf16 precision (a few
   2^-8 relative), not to f32's (the factors really are rounded), and the
-  residual is still p - g_hat. Planted bugs caught: the cast skipped (error
-  at f32 level), the gradient itself sent in bf16 (no recovery at all)."""
+  residual is still p - g_hat. Planted bug caught: the cast skipped (error
+  at f32 level)."""
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   grads = {"w": jnp.einsum("mr,drs,ns->dmn", jax.random.normal(k1, (64, 2)),
                            jax.random.normal(k3, (8, 2, 2)),

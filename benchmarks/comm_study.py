@@ -88,6 +88,21 @@ VARIANTS = {
                            "local_nesterov": True, "momentum_masking": True,
                            "clip_local": 1.0}},
                  {"momentum": 0.0, "nesterov": False, "grad_clip": 0.0}),
+    # Diagnostic: the same at 3.3 % density (f32 values, int32 indices:
+    # 15x fewer bytes). Does sending more coordinates close the gap at all?
+    "topk_dgc_3pct": ("top-k 3.3% + EF, DGC momentum correction",
+                      {"comm": {"name": "topk", "ratio": 0.033,
+                                "local_momentum": 0.9, "local_nesterov": True,
+                                "momentum_masking": True, "clip_local": 1.0}},
+                      {"momentum": 0.0, "nesterov": False, "grad_clip": 0.0}),
+    # Diagnostic: the exact mean under topk_dgc's optimizer (momentum on the
+    # devices, local clip 1, no clip of the mean): how much of top-k DGC's
+    # gap is the optimizer change rather than the sparsification?
+    "none_dgc_opt": ("exact mean, DGC's optimizer (local Nesterov, local"
+                     " clip 1)",
+                     {"comm": {"name": "none", "local_momentum": 0.9,
+                               "local_nesterov": True, "clip_local": 1.0}},
+                     {"momentum": 0.0, "nesterov": False, "grad_clip": 0.0}),
     # Top-k with ScaleCom's cyclic local top-k (arXiv 2104.11125): one
     # device per step (rotating) picks the indices, all send their values
     # there (two all-reduces of k), so the mean is exact on them; optimizer
@@ -101,6 +116,23 @@ VARIANTS = {
                        {"diloco": {"sync_every": 20, "outer_optimizer": "sgd",
                                    "outer_lr": 1.0},
                         "mesh": {"node": 2, "data": 4}}),
+    # The same 15 syncs placed by the learning-rate schedule
+    # (diloco.schedule="lr"): every inner phase covers an equal share of
+    # sum lr_t ** p, short phases at the peak, long ones in the warm-up and
+    # the tail of the decay (p=1: 27, 11, ..., 34, 71 steps at the preset).
+    "diloco_islands_lr": ("DiLoCo 15 syncs placed by lr mass, 2 islands x 4,"
+                          " averaging outer",
+                          {"diloco": {"sync_every": 20, "outer_optimizer": "sgd",
+                                      "outer_lr": 1.0, "schedule": "lr",
+                                      "lr_power": 1.0},
+                           "mesh": {"node": 2, "data": 4}}),
+    "diloco_islands_lr05": ("DiLoCo 15 syncs placed by sqrt(lr) mass,"
+                            " 2 islands x 4, averaging outer",
+                            {"diloco": {"sync_every": 20,
+                                        "outer_optimizer": "sgd",
+                                        "outer_lr": 1.0, "schedule": "lr",
+                                        "lr_power": 0.5},
+                             "mesh": {"node": 2, "data": 4}}),
     # The same, and the islands' momentum buffers averaged at every sync too
     # (diloco.sync_inner_opt): same syncs, twice the bytes per sync.
     "diloco_islands_mom": ("DiLoCo H=20, 2 islands x 4, averaging outer,"
@@ -128,6 +160,8 @@ GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "topk_dgc": ("bytes", 30.0), "topk_leader": ("bytes", 30.0),
          "diloco": ("syncs", 20.0),
          "diloco_islands": ("syncs", 20.0),
+         "diloco_islands_lr": ("syncs", 20.0),
+         "diloco_islands_lr05": ("syncs", 20.0),
          "diloco_islands_mom": ("syncs", 20.0)}
 
 

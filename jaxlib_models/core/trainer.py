@@ -184,17 +184,22 @@ def parallel_defaults() -> dict:
   )
 
 
-def make_optimizer(
-    tc: TrainConfig, lr_scales=None
-) -> optax.GradientTransformation:
-  lr = tc.learning_rate
+def lr_schedule(tc: TrainConfig):
+  """The learning rate: a float, or an optax schedule (step -> lr)."""
   if tc.lr_schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0 if tc.warmup_steps else tc.learning_rate, tc.learning_rate,
         tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
         end_value=tc.learning_rate * tc.final_lr_frac)
-  elif tc.warmup_steps:
-    lr = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
+  if tc.warmup_steps:
+    return optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
+  return tc.learning_rate
+
+
+def make_optimizer(
+    tc: TrainConfig, lr_scales=None
+) -> optax.GradientTransformation:
+  lr = lr_schedule(tc)
   if tc.optimizer == "adam":
     opt = optax.adam(lr)
   elif tc.optimizer == "adamw":
@@ -330,8 +335,10 @@ def plan_parallel(tc: TrainConfig, mesh, lr_scales=None) -> Parallel:
     steps_lib.diloco_check_mesh(mesh)
     outer = comm_lib.Communicator(tc.diloco.outer_comm, ("node",), shape)
     reps = mesh.shape["node"]
+    diloco = steps_lib.resolve_sync_steps(tc.diloco, lr_schedule(tc),
+                                          tc.num_steps)
     return Parallel(
-        communicator=outer, diloco=tc.diloco, inner_tx=opt,
+        communicator=outer, diloco=diloco, inner_tx=opt,
         tx=tc.diloco.outer_tx(),
         comm_init=lambda p: steps_lib.diloco_init(p, opt, outer, reps),
         comm_specs=lambda a: steps_lib.diloco_specs(a, outer),

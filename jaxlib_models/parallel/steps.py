@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -34,6 +35,7 @@ from jaxlib_models.parallel import comm as comm_lib
 from jaxlib_models.parallel import hlo
 
 OUTER_OPTIMIZERS = ("nesterov", "sgd")
+SYNC_SCHEDULES = ("fixed", "lr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,21 @@ class DilocoConfig:
   # sync (one more parameter-sized message per float state leaf). Not in the
   # DiLoCo paper (which keeps inner states local); off by default.
   sync_inner_opt: bool = False
+  # When the replicas sync. "fixed": after every `sync_every`-th step.
+  # "lr": as many syncs (num_steps // sync_every, the last one after the
+  # final step), placed so that every inner phase covers an equal share of
+  # sum_t lr_t ** lr_power over the run's learning-rate schedule (lr_power 1:
+  # equal learning-rate mass per phase, so phases are short where the
+  # learning rate peaks and long in the warm-up and at the end of a decay;
+  # lr_power 0: evenly spaced). The replicas drift apart in proportion to the
+  # learning-rate mass of a phase, not its step count. Not in the DiLoCo
+  # paper (it uses fixed H and a constant-then-cosine inner schedule).
+  schedule: str = "fixed"
+  lr_power: float = 1.0
+  # Explicit 0-based steps after which the replicas sync (strictly
+  # increasing); overrides `schedule`. Steps past the last one fall back to
+  # every `sync_every`. The trainer fills it in for schedule="lr".
+  sync_at: tuple = ()
   # How the pseudo-gradient travels between replicas (bf16 as in OpenDiLoCo,
   # int8, PowerSGD, ...); error feedback state is per replica.
   outer_comm: comm_lib.CommConfig = comm_lib.CommConfig()
@@ -78,6 +95,16 @@ class DilocoConfig:
       raise ValueError(f"diloco.outer_momentum={self.outer_momentum} must be in [0, 1)")
     if self.warmup_steps < 0:
       raise ValueError(f"diloco.warmup_steps={self.warmup_steps} must be >= 0")
+    if self.schedule not in SYNC_SCHEDULES:
+      raise ValueError(f"diloco.schedule={self.schedule!r}: choose one of"
+                       f" {SYNC_SCHEDULES}")
+    if self.lr_power < 0:
+      raise ValueError(f"diloco.lr_power={self.lr_power} must be >= 0")
+    at = tuple(int(t) for t in self.sync_at)
+    if any(t < 0 for t in at) or any(b <= a for a, b in zip(at, at[1:])):
+      raise ValueError(f"diloco.sync_at={list(at)} must be strictly"
+                       " increasing steps >= 0")
+    object.__setattr__(self, "sync_at", at)
     if self.outer_comm.hierarchical:
       raise ValueError("diloco.outer_comm.hierarchical: the outer sync runs over"
                        " the node axis only; set it to False")
@@ -101,6 +128,38 @@ class DilocoConfig:
     if self.outer_optimizer == "nesterov":
       return optax.sgd(self.outer_lr, momentum=self.outer_momentum, nesterov=True)
     return optax.sgd(self.outer_lr)
+
+
+def resolve_sync_steps(cfg: DilocoConfig, lr, num_steps: int) -> DilocoConfig:
+  """`cfg` with `sync_at` filled in for schedule="lr" (else unchanged).
+
+  Args:
+    cfg: the DiLoCo settings.
+    lr: the inner optimizer's learning rate: a float or an optax schedule
+      (step -> lr; the inner step t uses lr(t)).
+    num_steps: the run's length.
+
+  Returns:
+    The settings with `num_steps // sync_every` sync steps (at least one, the
+    last at `num_steps - 1`), sync j at the first step where the running sum
+    of lr_t ** lr_power reaches j / n of its total.
+  """
+  if not cfg.enabled or cfg.schedule == "fixed" or cfg.sync_at or num_steps < 1:
+    return cfg
+  n = max(1, num_steps // cfg.sync_every)
+  t = np.arange(num_steps)
+  rate = np.asarray(lr(t) if callable(lr) else np.full(num_steps, lr),
+                    np.float64)
+  w = np.abs(rate) ** cfg.lr_power
+  if not w.sum() > 0:
+    w = np.ones(num_steps)
+  cum = np.cumsum(w) / w.sum()
+  at = np.searchsorted(cum, np.arange(1, n + 1) / n - 1e-12)
+  at[-1] = num_steps - 1
+  for j in range(n):  # Strictly increasing, with room for the rest.
+    lo = at[j - 1] + 1 if j else 0
+    at[j] = min(max(at[j], lo), num_steps - n + j)
+  return dataclasses.replace(cfg, sync_at=tuple(int(a) for a in at))
 
 
 def as_dict(cfg) -> dict:
@@ -297,6 +356,13 @@ def make_diloco_step(loss_fn, mesh, state_shardings, batch_shardings,
       return ip, io, theta, outer_opt, ocs
 
     do_sync = ((step + 1) % H == 0) | (step < warm)
+    if cfg.sync_at:  # Explicit sync steps, then every H past the last.
+      table = np.zeros(cfg.sync_at[-1] + 1, bool)
+      table[list(cfg.sync_at)] = True
+      last = table.size - 1
+      listed = jnp.asarray(table)[jnp.minimum(step, last)]
+      do_sync = jnp.where(step <= last, listed, (step + 1) % H == 0)
+      do_sync = do_sync | (step < warm)
     ip, io, theta, outer_opt, ocs = jax.lax.cond(
         do_sync, sync, lambda a: a,
         (ip, io, theta, outer_opt, cstate["outer_comm"]))

@@ -1,8 +1,13 @@
 """DiLoCo / local SGD: H=1 with SGD inner and outer lr 1 is synchronous DP;
 cross-replica collectives only in the sync branch; bytes fall by H."""
 
+import dataclasses
+import json
+
 import chex
 import jax
+import numpy as np
+import optax
 import pytest
 
 from jaxlib_models.core import trainer
@@ -138,7 +143,58 @@ def test_inner_state_sync_bytes_match_the_program():
           + n_params)
 
 
+def test_lr_schedule_places_the_same_number_of_syncs():
+  """schedule="lr": n = T // H syncs, the last after the final step, each
+  phase an equal share of the learning-rate mass (to within one step's);
+  with a constant rate it is the fixed schedule, and lr_power=0 spaces the
+  syncs evenly whatever the rate."""
+  d = steps_lib.DilocoConfig(sync_every=20, schedule="lr")
+  const = steps_lib.resolve_sync_steps(d, 0.1, 300).sync_at
+  assert const == tuple(range(19, 300, 20))
+  lr = optax.warmup_cosine_decay_schedule(0.0, 0.1, 30, 300, end_value=0.01)
+  at = np.array(steps_lib.resolve_sync_steps(d, lr, 300).sync_at)
+  assert len(at) == 15 and at[-1] == 299 and (np.diff(at) > 0).all()
+  w = np.asarray(lr(np.arange(300)))
+  mass = np.diff(np.r_[0.0, np.cumsum(w)[at]])
+  assert np.abs(mass - w.sum() / 15).max() <= w.max() + 1e-9
+  gaps = np.diff(np.r_[-1, at])
+  assert gaps[1] < 20 < gaps[-1]  # Short at the peak, long in the tail.
+  even = steps_lib.resolve_sync_steps(
+      dataclasses.replace(d, lr_power=0.0), lr, 300).sync_at
+  assert even == const
+  fixed = steps_lib.DilocoConfig(sync_every=20)
+  assert steps_lib.resolve_sync_steps(fixed, lr, 300).sync_at == ()
+  # More syncs asked than steps left after the rounding: still increasing.
+  tight = steps_lib.resolve_sync_steps(
+      steps_lib.DilocoConfig(sync_every=1, schedule="lr"), lr, 7).sync_at
+  assert tight == tuple(range(7))
+
+
+def test_step_syncs_exactly_at_the_scheduled_steps(tmp_path):
+  """The trained run's `diloco/synced` metric is on at the resolved
+  `sync_at` steps and nowhere else (planted: the table ignored, or off by
+  one step)."""
+  kw = dict(SGD, num_steps=9, lr_schedule="cosine", warmup_steps=3,
+            learning_rate=0.2)
+  d = dict(LOCAL_SGD, sync_every=3, schedule="lr")
+  t = lmtask.tc(mesh={"node": 8, "data": 1}, diloco=d, **kw)
+  want = trainer.plan_parallel(t, lmtask.mesh({"node": 8})).diloco.sync_at
+  assert len(want) == 3 and want != (2, 5, 8)
+  lmtask.run(tmp_path, "lr", {"node": 8, "data": 1}, diloco=d, **kw)
+  with open(tmp_path / "lr" / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  synced = tuple(r["step"] - 1 for r in rows
+                 if r.get("diloco/synced", 0) > 0.5)
+  assert synced == want
+
+
 def test_config_errors():
+  with pytest.raises(ValueError, match="diloco.schedule"):
+    steps_lib.DilocoConfig(sync_every=2, schedule="cosine")
+  with pytest.raises(ValueError, match="sync_at"):
+    steps_lib.DilocoConfig(sync_every=2, sync_at=(3, 3))
+  with pytest.raises(ValueError, match="lr_power"):
+    steps_lib.DilocoConfig(sync_every=2, lr_power=-1)
   with pytest.raises(ValueError, match="sync_every"):
     steps_lib.DilocoConfig(sync_every=-1)
   with pytest.raises(ValueError, match="outer_optimizer"):

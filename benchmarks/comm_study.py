@@ -31,6 +31,7 @@ lowered program):
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -95,6 +96,23 @@ VARIANTS = {
                                 "local_momentum": 0.9, "local_nesterov": True,
                                 "momentum_masking": True, "clip_local": 1.0}},
                       {"momentum": 0.0, "nesterov": False, "grad_clip": 0.0}),
+    # Top-k 1% with EF21 (comm.feedback="ef21", arXiv 2106.05203): devices
+    # send top-k of g_i - h_i and the optimizer (momentum and the clip of the
+    # mean, as in the exact run) sees the dense running estimate h. Step 0
+    # is exact (start_iter=1, counted in the bytes) so that h starts at the
+    # first mean gradient instead of 0.
+    "topk_ef21": ("top-k 1%, EF21 (gradient estimates), first step exact",
+                  {"comm": {"name": "topk", "ratio": 0.01, "feedback": "ef21",
+                            "start_iter": 1}}),
+    # EF21 with momentum on the devices (EF21-SGDM, arXiv 2305.15155): each
+    # device compresses u_i - h_i, u_i its heavy-ball momentum (smooth, so
+    # the estimate can follow it), local clip 1 as in topk_dgc; the
+    # optimizer is plain SGD on h.
+    "topk_ef21_mom": ("top-k 1%, EF21 on local momentum, first step exact",
+                      {"comm": {"name": "topk", "ratio": 0.01,
+                                "feedback": "ef21", "start_iter": 1,
+                                "local_momentum": 0.9, "clip_local": 1.0}},
+                      {"momentum": 0.0, "nesterov": False, "grad_clip": 0.0}),
     # Diagnostic: the exact mean under topk_dgc's optimizer (momentum on the
     # devices, local clip 1, no clip of the mean): how much of top-k DGC's
     # gap is the optimizer change rather than the sparsification?
@@ -157,7 +175,8 @@ GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "powersgd_bf16_r8": ("bytes", 30.0),
          "powersgd_bf16_r8_embed48": ("bytes", 30.0),
          "topk": ("bytes", 30.0),
-         "topk_dgc": ("bytes", 30.0), "topk_leader": ("bytes", 30.0),
+         "topk_dgc": ("bytes", 30.0), "topk_ef21": ("bytes", 30.0),
+         "topk_ef21_mom": ("bytes", 30.0), "topk_leader": ("bytes", 30.0),
          "diloco": ("syncs", 20.0),
          "diloco_islands": ("syncs", 20.0),
          "diloco_islands_lr": ("syncs", 20.0),
@@ -210,6 +229,7 @@ def byte_counts(config) -> dict:
   from jaxlib_models.core import mesh as mesh_lib
   from jaxlib_models.core import trainer
   from jaxlib_models.lm import pretrain
+  from jaxlib_models.parallel import comm as comm_lib
 
   tc = trainer.TrainConfig.from_dict(config.train.to_dict())
   cfg = pretrain.model_config({**config.model.to_dict(),
@@ -221,9 +241,20 @@ def byte_counts(config) -> dict:
   par = trainer.plan_parallel(tc, mesh)
   colls = [c for c in par.sync_collectives(abstract) if c.group_size > 1]
   per = par.syncs_per_step()
+  payload = sum(c.operand_bytes for c in colls) * per
+  ring = sum(c.bytes_on_wire for c in colls) * per
+  start = min(tc.comm.start_iter, tc.num_steps) if tc.comm.name != "none" else 0
+  if start and not tc.diloco.enabled:
+    # The first start_iter steps send the exact mean: averaged over the run.
+    exact = trainer.plan_parallel(
+        dataclasses.replace(tc, comm=comm_lib.CommConfig()), mesh)
+    ex = [c for c in exact.sync_collectives(abstract) if c.group_size > 1]
+    f = start / tc.num_steps
+    payload = (1 - f) * payload + f * sum(c.operand_bytes for c in ex)
+    ring = (1 - f) * ring + f * sum(c.bytes_on_wire for c in ex)
   return {
-      "payload_per_step": sum(c.operand_bytes for c in colls) * per,
-      "ring_per_step": sum(c.bytes_on_wire for c in colls) * per,
+      "payload_per_step": payload,
+      "ring_per_step": ring,
       "syncs_per_step": per,
       "params": sum(x.size for x in jax.tree.leaves(abstract)),
   }

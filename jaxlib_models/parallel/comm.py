@@ -84,6 +84,7 @@ NAMES = (
     "powersgd",
 )
 # Biased compressors: error feedback applies (random-k only when unscaled).
+FEEDBACKS = ("ef", "ef21")
 _EF_NAMES = ("randomk", "topk", "sign", "sign_mv", "powersgd")
 # Schemes whose int8 psum of n values in [-1, 1] needs n <= 127.
 _TERNARY_NAMES = ("terngrad", "sign_mv")
@@ -100,6 +101,17 @@ class CommConfig:
   # Residual memory for the biased compressors (unscaled randomk, topk, sign,
   # sign_mv, powersgd); ignored by the others.
   error_feedback: bool = True
+  # What the error-feedback state holds. "ef": the residual e (classic EF,
+  # Seide et al. 2014, Karimireddy et al. 2019): send C(g + e), keep
+  # e <- g + e - C(g + e); the optimizer sees the mean of the messages.
+  # "ef21" (Richtarik et al. 2021, arXiv 2106.05203): device i keeps an
+  # estimate h_i of its own gradient and sends c_i = C(g_i - h_i), then
+  # h_i <- h_i + c_i; every device keeps the mean estimate h <- h + mean_i c_i
+  # and the optimizer sees h, a dense running estimate of the mean gradient
+  # (so optimizer momentum and the clip of the synced mean act on it as in
+  # the exact run). Same messages and bytes. Exact steps (`start_iter`) set
+  # h_i = g_i and h = the exact mean.
+  feedback: str = "ef"
   ratio: float = 0.01  # k/d for randomk and topk.
   scale_randomk: bool = False  # Scale randomk by d/k (unbiased, no EF).
   levels: int = 4  # QSGD levels s.
@@ -186,6 +198,14 @@ class CommConfig:
       raise ValueError(f"comm.start_iter={self.start_iter} must be >= 0")
     if self.min_size < 0:
       raise ValueError(f"comm.min_size={self.min_size} must be >= 0")
+    if self.feedback not in FEEDBACKS:
+      raise ValueError(f"comm.feedback={self.feedback!r}: choose one of"
+                       f" {FEEDBACKS}")
+    if self.feedback == "ef21" and self.name != "none" and not self.uses_ef:
+      raise ValueError(
+          f"comm.feedback='ef21' needs error feedback: comm.name="
+          f"{self.name!r} with error_feedback={self.error_feedback} has none"
+          f" (EF compressors: {_EF_NAMES}; not with scale_randomk)")
     if self.factor_dtype not in _FACTOR_DTYPES:
       raise ValueError(f"comm.factor_dtype={self.factor_dtype!r}: choose one"
                        f" of {tuple(_FACTOR_DTYPES)}")
@@ -477,6 +497,12 @@ class Communicator:
           q0 = jnp.broadcast_to(q0, (self.n,) + q0.shape)
         q[leaf.name] = q0
     state = {"step": jnp.zeros((), jnp.int32), "ef": ef, "q": q}
+    if self.cfg.feedback == "ef21":
+      # The mean estimate h: replicated (like Q), per device only for
+      # hierarchical shards.
+      lead = (self.n,) if self.cfg.hierarchical else ()
+      state["est"] = {k: jnp.zeros(lead + v.shape[1:], jnp.float32)
+                      for k, v in ef.items()}
     if self.cfg.local_momentum > 0:
       state["mom"] = {leaf.name: jnp.zeros((self.n,) + leaf.shape, jnp.float32)
                       for leaf in leaves}
@@ -491,6 +517,8 @@ class Communicator:
         "ef": {k: dev for k in state["ef"]},
         "q": {k: q_spec for k in state["q"]},
     }
+    if "est" in state:
+      specs["est"] = {k: q_spec for k in state["est"]}
     if "mom" in state:
       specs["mom"] = {k: dev for k in state["mom"]}
     return specs
@@ -534,16 +562,19 @@ class Communicator:
       g_leaves = moved
     step = state["step"]
     ef = {k: v[0] for k, v in state["ef"].items()}
+    est = state.get("est", {})
+    if cfg.hierarchical:
+      est = {k: v[0] for k, v in est.items()}
     q = state["q"]
     if cfg.hierarchical:
       q = {k: v[0] for k, v in q.items()}
     key = jax.random.fold_in(key, step)
-    operands = (g_leaves, ef, q, key, step)
+    operands = (g_leaves, ef, est, q, key, step)
     if cfg.name == "none" or cfg.start_iter == 0:
-      outs, ef, q, sent = self._all(leaves, *operands,
-                                    compressed=cfg.name != "none")
+      outs, ef, est, q, sent = self._all(leaves, *operands,
+                                         compressed=cfg.name != "none")
     else:
-      outs, ef, q, sent = jax.lax.cond(
+      outs, ef, est, q, sent = jax.lax.cond(
           step >= cfg.start_iter,
           lambda ops: self._all(leaves, *ops, compressed=True),
           lambda ops: self._all(leaves, *ops, compressed=False),
@@ -566,14 +597,19 @@ class Communicator:
         "ef": {k: v[None] for k, v in ef.items()},
         "q": q,
     }
+    if est:
+      new_state["est"] = ({k: v[None] for k, v in est.items()}
+                          if cfg.hierarchical else est)
     if mom is not None:
       new_state["mom"] = {k: v[None] for k, v in mom.items()}
     mean = jax.tree_util.tree_unflatten(
         treedef, [o.astype(dt) for o, dt in zip(outs, dtypes)])
     return mean, new_state, stats
 
-  def _all(self, leaves, g_leaves, ef, q, key, step, *, compressed: bool):
-    ef, q = dict(ef), dict(q)
+  def _all(self, leaves, g_leaves, ef, est, q, key, step, *,
+           compressed: bool):
+    ef, est, q = dict(ef), dict(est), dict(q)
+    ef21 = self.cfg.feedback == "ef21"
     dev = jax.lax.axis_index(self.axis_names)
     outs = []
     sent = {}  # Leaf name -> bool mask of the coordinates this device sent.
@@ -587,23 +623,31 @@ class Communicator:
         x = x.reshape(leaf.work)
       if compressed and leaf.compress:
         e = ef.get(leaf.name)
-        p = x if e is None else x + e
-        mean, local, q_new = self._compressed(
-            leaf, p, q.get(leaf.name), k_shared, k_local, step)
-        if e is not None:
-          ef[leaf.name] = p - local
+        if ef21 and e is not None:  # e is h_i; send C(g_i - h_i).
+          mean, local, q_new = self._compressed(
+              leaf, x - e, q.get(leaf.name), k_shared, k_local, step)
+          ef[leaf.name] = e + local
+          mean = est[leaf.name] = est[leaf.name] + mean
+        else:
+          p = x if e is None else x + e
+          mean, local, q_new = self._compressed(
+              leaf, p, q.get(leaf.name), k_shared, k_local, step)
+          if e is not None:
+            ef[leaf.name] = p - local
         if self.cfg.momentum_masking:
           sent[leaf.name] = (local != 0).reshape(leaf.shape)
         if q_new is not None:
           q[leaf.name] = q_new
       else:
         mean = jax.lax.pmean(x, self.comm_axes)
+        if ef21 and leaf.name in ef:  # Exact step: h_i = g_i, h = mean.
+          ef[leaf.name], est[leaf.name] = x, mean
         if self.cfg.momentum_masking and leaf.compress:
           sent[leaf.name] = jnp.zeros(leaf.shape, bool)
       if self.cfg.hierarchical:
         mean = self._gather(leaf, mean)
       outs.append(mean.reshape(leaf.shape))
-    return outs, ef, q, sent
+    return outs, ef, est, q, sent
 
   def _scatter(self, leaf: _Leaf, x):
     """Mean over the inner axis, this device's 1/|inner| shard of it."""

@@ -495,6 +495,64 @@ def test_error_feedback_telescopes(name):
     np.testing.assert_allclose(sent + e, total_g, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["topk", "powersgd"])
+def test_ef21_keeps_gradient_estimates(name):
+  """feedback="ef21": each device sends C(g_i - h_i) and keeps
+  h_i <- h_i + C(g_i - h_i); the output is h = h + mean_i C(g_i - h_i),
+  which stays the mean of the h_i. top-k is re-derived in NumPy step by
+  step; PowerSGD is checked by the invariants (h = mean_i h_i = output; the
+  h_i stay per device). Step 0 is exact (start_iter=1): h_i = g_i. Planted
+  bugs caught: the local message added to h instead of the mean, h_i
+  updated with g (classic EF), h not carried between steps, h_i shared."""
+  cfg = comm.CommConfig(name=name, ratio=0.1, rank=2, feedback="ef21",
+                        start_iter=1)
+  grads_t = [_grads(seed=t, w=(32, 16)) for t in range(5)]
+  _, step, state = _setup(cfg, grads_t[0])
+  h_i = np.zeros((8, 512), np.float32)
+  with jax.set_mesh(_mesh(FLAT)):
+    for t, grads in enumerate(grads_t):
+      out, state = step(grads, state, jax.random.key(t))[:2]
+      g = np.asarray(grads["w"]).reshape(8, -1)
+      got = np.asarray(out["w"][0]).reshape(-1)
+      new_h_i = np.asarray(next(iter(state["ef"].values()))).reshape(8, -1)
+      est = np.asarray(next(iter(state["est"].values()))).reshape(1, -1)
+      if t == 0:
+        np.testing.assert_allclose(new_h_i, g, atol=1e-6)
+      elif name == "topk":
+        h_i = h_i + _np_local("topk", g - h_i, round(0.1 * 512))
+        np.testing.assert_allclose(new_h_i, h_i, atol=1e-5)
+      # The replicated mean estimate is the output ...
+      np.testing.assert_allclose(est[0], got, atol=1e-6)
+      # ... which is the mean of the per-device estimates, and the output.
+      np.testing.assert_allclose(got, new_h_i.mean(0), atol=1e-4)
+      h_i = new_h_i
+  assert np.abs(h_i[0] - h_i[1]).max() > 0.1  # h_i are per device.
+  if name == "topk":  # Not the exact mean: the estimate lags.
+    assert np.abs(got - g.mean(0)).max() > 1e-3
+
+
+def test_ef21_at_full_ratio_is_the_exact_mean():
+  """top-k with k = d sends g_i - h_i whole: h_i = g_i and the output is
+  the exact mean at every step."""
+  cfg = comm.CommConfig(name="topk", ratio=1.0, feedback="ef21")
+  grads_t = [_grads(seed=t) for t in range(3)]
+  _, step, state = _setup(cfg, grads_t[0])
+  with jax.set_mesh(_mesh(FLAT)):
+    for grads in grads_t:
+      out, state = step(grads, state, jax.random.key(0))[:2]
+      for k, v in _exact(grads).items():
+        np.testing.assert_allclose(np.asarray(out[k][0]), v, atol=1e-5)
+
+
+def test_ef21_needs_error_feedback():
+  with pytest.raises(ValueError, match="comm.feedback"):
+    comm.CommConfig(name="topk", feedback="ef3")
+  with pytest.raises(ValueError, match="ef21"):
+    comm.CommConfig(name="topk", feedback="ef21", error_feedback=False)
+  with pytest.raises(ValueError, match="ef21"):
+    comm.CommConfig(name="int8", feedback="ef21")
+
+
 def test_start_iter_sends_exact_mean_first():
   """Two exact steps (EF untouched), then PowerSGD; step counts on."""
   grads = _grads(w=(64, 32))
@@ -564,6 +622,10 @@ VARIANTS += [(comm.CommConfig(name="powersgd", rank=2, factor_dtype="bfloat16",
 VARIANTS += [(comm.CommConfig(name="topk", ratio=0.2, topk_select="leader",
                               hierarchical=h), HIER if h else FLAT)
              for h in (False, True)]
+VARIANTS += [(comm.CommConfig(name=n, ratio=0.2, rank=2, feedback="ef21",
+                              hierarchical=h),
+              HIER if h else FLAT)
+             for n in ("topk", "powersgd") for h in (False, True)]
 
 
 def _vid(v):
@@ -571,6 +633,7 @@ def _vid(v):
   return cfg.name + ("_gather" if cfg.levels > 4 else "") + (
       "_bf16" if cfg.factor_dtype == "bfloat16" else "") + (
       "_leader" if cfg.topk_select == "leader" else "") + (
+      "_ef21" if cfg.feedback == "ef21" else "") + (
       "_hier" if cfg.hierarchical else "")
 
 

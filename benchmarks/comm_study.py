@@ -78,6 +78,13 @@ VARIANTS = {
                                  {"comm": {"name": "powersgd", "rank": 8,
                                            "rank_overrides": "embed=48",
                                            "factor_dtype": "bfloat16"}}),
+    # The same byte budget spread differently: rank 9 everywhere, the tied
+    # embedding at 32 (30.8x fewer payload bytes).
+    "powersgd_bf16_r9_embed32": ("PowerSGD r=9, tied embedding r=32, bf16"
+                                 " factors + EF",
+                                 {"comm": {"name": "powersgd", "rank": 9,
+                                           "rank_overrides": "embed=32",
+                                           "factor_dtype": "bfloat16"}}),
     "diloco": ("DiLoCo H=20 (Nesterov outer)",
                {"diloco": {"sync_every": 20},
                 "mesh": {"node": 8, "data": 1}}),
@@ -89,6 +96,15 @@ VARIANTS = {
                            "local_nesterov": True, "momentum_masking": True,
                            "clip_local": 1.0}},
                  {"momentum": 0.0, "nesterov": False, "grad_clip": 0.0}),
+    # Diagnostic: topk_dgc without momentum factor masking.
+    "topk_dgc_nomask": ("top-k 1% + EF, DGC momentum correction, no masking",
+                        {"comm": {"name": "topk", "ratio": 0.01,
+                                  "local_momentum": 0.9,
+                                  "local_nesterov": True,
+                                  "momentum_masking": False,
+                                  "clip_local": 1.0}},
+                        {"momentum": 0.0, "nesterov": False,
+                         "grad_clip": 0.0}),
     # Diagnostic: the same at 3.3 % density (f32 values, int32 indices:
     # 15x fewer bytes). Does sending more coordinates close the gap at all?
     "topk_dgc_3pct": ("top-k 3.3% + EF, DGC momentum correction",
@@ -174,6 +190,7 @@ GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "powersgd_alloc": ("bytes", 30.0),
          "powersgd_bf16_r8": ("bytes", 30.0),
          "powersgd_bf16_r8_embed48": ("bytes", 30.0),
+         "powersgd_bf16_r9_embed32": ("bytes", 30.0),
          "topk": ("bytes", 30.0),
          "topk_dgc": ("bytes", 30.0), "topk_ef21": ("bytes", 30.0),
          "topk_ef21_mom": ("bytes", 30.0), "topk_leader": ("bytes", 30.0),

@@ -83,8 +83,8 @@ NAMES = (
     "sign_mv",
     "powersgd",
 )
-# Biased compressors: error feedback applies (random-k only when unscaled).
 FEEDBACKS = ("ef", "ef21")
+# Biased compressors: error feedback applies (random-k only when unscaled).
 _EF_NAMES = ("randomk", "topk", "sign", "sign_mv", "powersgd")
 # Schemes whose int8 psum of n values in [-1, 1] needs n <= 127.
 _TERNARY_NAMES = ("terngrad", "sign_mv")

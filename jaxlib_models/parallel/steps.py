@@ -69,9 +69,10 @@ class DilocoConfig:
   # sum_t lr_t ** lr_power over the run's learning-rate schedule (lr_power 1:
   # equal learning-rate mass per phase, so phases are short where the
   # learning rate peaks and long in the warm-up and at the end of a decay;
-  # lr_power 0: evenly spaced). The replicas drift apart in proportion to the
+  # lr_power 0: evenly spaced). The idea: replicas drift apart by about the
   # learning-rate mass of a phase, not its step count. Not in the DiLoCo
-  # paper (it uses fixed H and a constant-then-cosine inner schedule).
+  # paper (fixed H). On the study's LM it changed nothing measurable
+  # (benchmarks/RESULTS.md, 2026-11-28).
   schedule: str = "fixed"
   lr_power: float = 1.0
   # Explicit 0-based steps after which the replicas sync (strictly

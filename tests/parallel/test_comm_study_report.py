@@ -16,3 +16,16 @@ def test_steps_to_match_reads_the_smoothed_curves():
   never = [(10, -1.0)]
   assert comm_study.steps_to_match(base, never, window=1) is None
   assert comm_study.steps_to_match([], slower) is None
+
+
+def test_byte_counts_include_the_exact_start_steps():
+  """start_iter's exact steps are averaged into the per-step bytes: with one
+  exact step in 300, payload = (299 x top-k + 1 x exact) / 300 (planted: the
+  exact steps left out, which would report 49.6x instead of 42.7x)."""
+  counts = {}
+  for name in ("none", "topk", "topk_ef21"):
+    c = comm_study.make_config(300, comm_study.VARIANTS[name][1])
+    counts[name] = comm_study.byte_counts(c)["payload_per_step"]
+  want = (299 * counts["topk"] + counts["none"]) / 300
+  assert abs(counts["topk_ef21"] - want) < 1e-6 * want
+  assert counts["topk_ef21"] > counts["topk"]

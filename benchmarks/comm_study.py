@@ -41,6 +41,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # name -> (label, train-config overrides)
+def _islands(**diloco) -> dict:
+  """Overrides for DiLoCo H=20 between 2 islands of 4 devices with an
+  averaging outer step, plus `diloco` settings."""
+  return {"diloco": {"sync_every": 20, "outer_optimizer": "sgd",
+                     "outer_lr": 1.0, **diloco},
+          "mesh": {"node": 2, "data": 4}}
+
+
 VARIANTS = {
     "none": ("exact mean (fp32 all-reduce)", {}),
     "bf16": ("bf16 all-reduce", {"comm": {"name": "bf16"}}),
@@ -147,35 +155,22 @@ VARIANTS = {
     # DiLoCo between 2 islands of 4 devices (exact mean inside an island
     # every step), outer step = plain averaging of the islands' parameters.
     "diloco_islands": ("DiLoCo H=20, 2 islands x 4 devices, averaging outer",
-                       {"diloco": {"sync_every": 20, "outer_optimizer": "sgd",
-                                   "outer_lr": 1.0},
-                        "mesh": {"node": 2, "data": 4}}),
+                       _islands()),
+    # The same, and the islands' momentum buffers averaged at every sync too
+    # (diloco.sync_inner_opt): same syncs, twice the bytes per sync.
+    "diloco_islands_mom": ("DiLoCo H=20, 2 islands x 4, averaging outer,"
+                           " momentum averaged too",
+                           _islands(sync_inner_opt=True)),
     # The same 15 syncs placed by the learning-rate schedule
     # (diloco.schedule="lr"): every inner phase covers an equal share of
     # sum lr_t ** p, short phases at the peak, long ones in the warm-up and
     # the tail of the decay (p=1: 27, 11, ..., 34, 71 steps at the preset).
     "diloco_islands_lr": ("DiLoCo 15 syncs placed by lr mass, 2 islands x 4,"
                           " averaging outer",
-                          {"diloco": {"sync_every": 20, "outer_optimizer": "sgd",
-                                      "outer_lr": 1.0, "schedule": "lr",
-                                      "lr_power": 1.0},
-                           "mesh": {"node": 2, "data": 4}}),
+                          _islands(schedule="lr", lr_power=1.0)),
     "diloco_islands_lr05": ("DiLoCo 15 syncs placed by sqrt(lr) mass,"
                             " 2 islands x 4, averaging outer",
-                            {"diloco": {"sync_every": 20,
-                                        "outer_optimizer": "sgd",
-                                        "outer_lr": 1.0, "schedule": "lr",
-                                        "lr_power": 0.5},
-                             "mesh": {"node": 2, "data": 4}}),
-    # The same, and the islands' momentum buffers averaged at every sync too
-    # (diloco.sync_inner_opt): same syncs, twice the bytes per sync.
-    "diloco_islands_mom": ("DiLoCo H=20, 2 islands x 4, averaging outer,"
-                           " momentum averaged too",
-                           {"diloco": {"sync_every": 20,
-                                       "outer_optimizer": "sgd",
-                                       "outer_lr": 1.0,
-                                       "sync_inner_opt": True},
-                            "mesh": {"node": 2, "data": 4}}),
+                            _islands(schedule="lr", lr_power=0.5)),
 }
 # Optimizer settings shared by every variant of one study (train keys).
 PRESETS = {

@@ -356,14 +356,14 @@ def make_diloco_step(loss_fn, mesh, state_shardings, batch_shardings,
         io = jax.tree.map(_replica_mean, io)
       return ip, io, theta, outer_opt, ocs
 
-    do_sync = ((step + 1) % H == 0) | (step < warm)
+    planned = (step + 1) % H == 0
     if cfg.sync_at:  # Explicit sync steps, then every H past the last.
       table = np.zeros(cfg.sync_at[-1] + 1, bool)
       table[list(cfg.sync_at)] = True
       last = table.size - 1
       listed = jnp.asarray(table)[jnp.minimum(step, last)]
-      do_sync = jnp.where(step <= last, listed, (step + 1) % H == 0)
-      do_sync = do_sync | (step < warm)
+      planned = jnp.where(step <= last, listed, planned)
+    do_sync = planned | (step < warm)
     ip, io, theta, outer_opt, ocs = jax.lax.cond(
         do_sync, sync, lambda a: a,
         (ip, io, theta, outer_opt, cstate["outer_comm"]))

@@ -1,7 +1,7 @@
 r"""One full-size SD-1.5 UNet step: our Flax UNet against diffusers' PyTorch.
 
   .venv/bin/python benchmarks/sd_unet_speed.py [--size 512] [--batch 4]
-      [--reps 2] [--dtype float32] [--json OUT]
+      [--reps 2] [--dtype float32] [--winograd auto] [--json OUT]
 
 Both sides run the real SD-1.5 architecture (`UNet2DConditionModel` with
 block_out_channels (320, 640, 1280, 1280), cross-attention dim 768, 8 heads)
@@ -13,6 +13,10 @@ timesteps [399, 299, 199, 99] (cycled), text states (B, 77, 768).
 
 XLA_FLAGS defaults to `--xla_cpu_use_xnnpack=true` when unset (about 8 %
 faster on this UNet; `--no-xla-flags` to measure without).
+
+Ours: the 3x3 convolutions take the Winograd route (`diffusion.winograd`,
+kernels transformed once before timing, as `StreamV2VPipeline` does on CPU;
+`--winograd off` for XLA's convolutions).
 
 diffusers: `torch.inference_mode()`, default SDPA attention,
 `torch.set_num_threads(os.cpu_count())`; ours: one jitted `apply` (XLA
@@ -59,6 +63,11 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--dtype", default="float32",
                   choices=["float32", "bfloat16"], help="our compute dtype")
+  ap.add_argument("--winograd", default="auto",
+                  choices=["auto", "2", "4", "off"],
+                  help="prepare the 3x3 convolutions for the Winograd route"
+                  " (diffusion.winograd: auto = F(4x4) up to 640 output"
+                  " channels, F(2x2) above; 'off': XLA's convolutions)")
   ap.add_argument("--json", default=None, help="write the figures here")
   ap.add_argument("--no-xla-flags", action="store_true",
                   help=f"do not default XLA_FLAGS to {CPU_FLAGS!r}")
@@ -79,8 +88,18 @@ def main(argv=None):
   t0 = time.perf_counter()
   params = unet_lib.unet_params_from_state(cfg, state)
   t_convert = time.perf_counter() - t0
-  params = jax.device_put(params)
   del state
+  t_prepare = 0.0
+  if args.winograd != "off":
+    from jaxlib_models.diffusion import winograd  # pylint: disable=g-import-not-at-top
+    t0 = time.perf_counter()
+    tile = args.winograd if args.winograd == "auto" else int(args.winograd)
+    params = winograd.prepare_params(params, tile)
+    t_prepare = time.perf_counter() - t0
+    print(f"prepared {winograd.prepared_count(params)} 3x3 kernels for the"
+          f" Winograd route ({t_prepare:.1f} s)", flush=True)
+  params = jax.device_put(params)
+  param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
 
   b, h = args.batch, args.size // 8
   rng = np.random.default_rng(0)
@@ -122,14 +141,17 @@ def main(argv=None):
       xla_flags=os.environ.get("XLA_FLAGS", ""),
       ours_s=t_ours, diffusers_s=t_ref, speedup=t_ref / t_ours,
       ours_compile_s=t_compile, convert_s=t_convert,
+      winograd=args.winograd, winograd_prepare_s=t_prepare,
+      ours_param_bytes=param_bytes,
       max_abs_diff=diff, out_max_abs=scale,
       machine=f"{platform.processor() or platform.machine()},"
       f" {os.cpu_count()} cores", backend=jax.default_backend(),
       versions=dict(jax=jax.__version__, torch=torch.__version__))
   print(f"SD-1.5 UNet, {n_params / 1e6:.0f}M params, batch {b} at"
         f" {args.size}x{args.size}")
-  print(f"  ours (Flax, {args.dtype}):   {t_ours:8.2f} s/step  (compile"
-        f" {t_compile:.1f} s, convert {t_convert:.1f} s)")
+  print(f"  ours (Flax, {args.dtype}, Winograd {args.winograd}):"
+        f" {t_ours:8.2f} s/step  (compile {t_compile:.1f} s, convert"
+        f" {t_convert:.1f} s, params {param_bytes / 2**30:.1f} GiB)")
   print(f"  diffusers (PyTorch fp32): {t_ref:8.2f} s/step")
   print(f"  speedup: {t_ref / t_ours:.2f}x   max |diff| {diff:.2e} (outputs"
         f" up to {scale:.2f})")

@@ -40,6 +40,10 @@ def main(argv=None):
                   help="default: float16 on GPU, float32 on CPU")
   ap.add_argument("--no-per-frame", action="store_true",
                   help="skip the run without the bank")
+  ap.add_argument("--winograd", default="auto",
+                  choices=["auto", "off", "2", "4"],
+                  help="UNet 3x3 convolutions (StreamV2VPipeline's option;"
+                  " auto: Winograd on CPU in float32)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
 
@@ -60,8 +64,10 @@ def main(argv=None):
         bank=stream.BankConfig(enabled=False))
   results = {}
   for name, cfg in variants.items():
-    pipe = pl.StreamV2VPipeline(models, cfg, height=args.size,
-                                width=args.size, prompt="a painting")
+    pipe = pl.StreamV2VPipeline(
+        models, cfg, height=args.size, width=args.size, prompt="a painting",
+        winograd=(args.winograd if args.winograd in ("auto", "off")
+                  else int(args.winograd)))
     # Two untimed calls compile both steps (priming and streaming).
     pipe(frames[0]).block_until_ready()
     t = timing.measure_stream_fps(pipe, frames, warmup=args.warmup,
@@ -74,6 +80,7 @@ def main(argv=None):
   dev = jax.devices()[0]
   res = dict(benchmark="streamv2v_fps", arch=args.arch, size=args.size,
              frames=args.frames, dtype=dtype, backend=backend,
+             winograd=args.winograd,
              device=getattr(dev, "device_kind", str(dev)),
              machine=f"{platform.processor() or platform.machine()},"
              f" {os.cpu_count()} cores", weights="random", results=results)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlib_models.diffusion.attention import NO_HOOKS, Attention, SelfAttnHooks
+from jaxlib_models.diffusion import winograd
 
 Array = jax.Array
 
@@ -119,7 +120,13 @@ class Conv2D(nn.Conv):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    if self.has_variable("params", winograd.KEY):
+      return self._winograd(x)
     kh, kw = self.kernel_size
+    if (kh == kw == 1 and x.ndim == 4 and not self.upsample
+        and tuple(self.strides) == (1, 1) and jax.default_backend() == "cpu"
+        and tuple(map(tuple, self.padding)) == ((0, 0), (0, 0))):
+      return self._pointwise(x)
     cpu3x3 = (x.ndim == 4 and tuple(self.strides) == (1, 1) and kh == kw == 3
               and jax.default_backend() == "cpu")
     if self.upsample:
@@ -137,6 +144,16 @@ class Conv2D(nn.Conv):
     if chunk and x.shape[-1] >= 2 * chunk:
       return self._split_conv(x, chunk)
     return super().__call__(x)
+
+  def _pointwise(self, x: Array) -> Array:
+    """A 1x1 convolution as one matmul over the flattened pixels: XLA:CPU's
+    1x1 convolution ran 2.2x slower than the matmul at 64x64, 960 -> 320
+    channels, batch 4 (271 against 117 ms, 2-core Zen 3)."""
+    kern, bias, dt = self._kernel_bias(x)
+    b, h, w, c = x.shape
+    y = x.astype(dt).reshape(-1, c) @ kern.astype(dt).reshape(c,
+                                                               self.features)
+    return y.reshape(b, h, w, self.features) + bias.astype(dt)
 
   def _im2col(self, x: Array) -> Array:
     """The 3x3 convolution as one matmul over the 9 shifted copies."""
@@ -177,6 +194,28 @@ class Conv2D(nn.Conv):
           for a in (0, 1) for bb in (0, 1)]
     y = jnp.stack([jnp.stack(ph[0:2], 3), jnp.stack(ph[2:4], 3)], 2)
     return y.reshape(b, 2 * h, 2 * w, f) + bias.astype(dt)
+
+  def _winograd(self, x: Array) -> Array:
+    """The convolution from a Winograd-prepared kernel
+    (`winograd.prepare_params`), computed in float32."""
+    if tuple(self.kernel_size) != (3, 3) or tuple(self.strides) != (1, 1):
+      raise ValueError(
+          f"{self.name}: its parameters hold a Winograd-prepared kernel"
+          f" ({winograd.KEY!r}), which needs a stride-1 3x3 convolution, but"
+          f" this one is {self.kernel_size} with strides {self.strides};"
+          " prepare the parameters again with this module's path in"
+          " winograd.prepare_params(skip=...)")
+    u = self.get_variable("params", winograd.KEY)
+    bias = self.param("bias", self.bias_init, (self.features,),
+                      self.param_dtype)
+    if u.shape[-1] != self.features:
+      raise ValueError(f"{self.name}: prepared kernel {u.shape} has"
+                       f" {u.shape[-1]} outputs, the module {self.features}")
+    dt = self.dtype or x.dtype
+    if self.upsample:
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    y = winograd.conv3x3(x, u, tuple(map(tuple, self.padding)))
+    return (y + bias.astype(jnp.float32)).astype(dt)
 
   def _split_conv(self, x: Array, chunk: int) -> Array:
     """Sum of convolutions over input-channel chunks (see SPLIT_CHUNKS)."""

@@ -2,7 +2,7 @@
 
 Conv2D takes three routes on CPU for 3x3 stride-1 convolutions: an im2col
 matmul on small maps, a sum of convolutions over input-channel chunks for
-wide inputs, and nn.Conv otherwise. Each is compared with nn.Conv on the
+wide inputs, and nn.Conv otherwise; 1x1 convolutions run as a matmul. Each is compared with nn.Conv on the
 same parameters (the thresholds are lowered so that tiny shapes take them).
 Planted bugs caught: chunk kernel sliced on the output axis, a dropped last
 chunk when channels are not a multiple of the chunk, bias added per chunk,
@@ -48,6 +48,19 @@ def test_valid_padding_and_plain_route(monkeypatch):
   _compare(monkeypatch, pixels_im2col=0, chunks=(4, 4), h=6, c=9, f=3,
            padding=0)
   _compare(monkeypatch, pixels_im2col=0, chunks=(0, 0), h=6, c=9, f=3)
+
+
+def test_pointwise_matmul_equals_1x1_convolution():
+  """1x1 stride-1 convolutions run as a matmul on CPU (no conv op)."""
+  ours = unet_blocks.conv(5, 1, "c", "float32")
+  ref = nn.Conv(5, (1, 1), padding=((0, 0), (0, 0)))
+  x = jax.random.normal(jax.random.key(0), (2, 4, 3, 7))
+  params = jax.tree.map(lambda p: p + 0.1, ref.init(jax.random.key(1), x))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(ours.apply)(params, x))
+  assert "conv_general_dilated" not in jaxpr
+  assert "dot_general" in jaxpr
 
 
 def test_chunk_route_is_taken(monkeypatch):

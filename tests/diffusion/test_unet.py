@@ -132,6 +132,26 @@ def test_unet_cpu_fast_paths_match_diffusers(tmp_path, monkeypatch):
   assert _max_diff(_nchw(got), want.numpy()) <= 1e-4
 
 
+@pytest.mark.parametrize("tile", ["auto", 4])
+def test_unet_winograd_params_match_diffusers(tmp_path, tile):
+  """The whole UNet from Winograd-prepared parameters (every stride-1 3x3
+  convolution on the Winograd route) still matches diffusers."""
+  torch = pytest.importorskip("torch")
+  from jaxlib_models.diffusion import winograd
+  ref, cfg, params, _ = _reference(tmp_path)
+  prepared = winograd.prepare_params(params, tile)
+  # conv_in, conv_out and two 3x3 convolutions per resnet; not the samplers.
+  resnets = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(
+      params)[0] if "conv1" in str(path) and "kernel" in str(path))
+  assert winograd.prepared_count(prepared) == 2 + 2 * resnets
+  x, t, ctx = _inputs(cfg, 16, 24)
+  with torch.no_grad():
+    want = ref(torch.tensor(x), torch.tensor(t), torch.tensor(ctx)).sample
+  got = jax.jit(lambda p, x, t, c: _apply(cfg, p, x, t, c))(prepared, x, t,
+                                                             ctx)
+  assert _max_diff(_nchw(got), want.numpy()) <= 1e-4
+
+
 def _block_params(module, abstract):
   state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
   return convert.params_from_torch_state(state.__getitem__, state.keys(),

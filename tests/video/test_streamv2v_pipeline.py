@@ -58,6 +58,23 @@ def test_identical_frames_bank_equals_per_frame(models):
                                                  moving_b[4:])) > 1
 
 
+def test_winograd_route_on_cpu_matches_xla_convolutions(models):
+  """The default pipeline on CPU runs the UNet from Winograd-prepared
+  kernels; its frames match the XLA-convolution pipeline's to one level."""
+  from jaxlib_models.diffusion import winograd
+  fast = pl.StreamV2VPipeline(models, height=64, width=64, prompt="x")
+  plain = pl.StreamV2VPipeline(models, height=64, width=64, prompt="x",
+                               winograd="off")
+  assert winograd.prepared_count(fast._params["unet"]) > 0
+  assert winograd.prepared_count(plain._params["unet"]) == 0
+  assert winograd.prepared_count(models.unet) == 0  # not modified
+  for f in _video(6):
+    a, b = np.asarray(fast(f), np.int16), np.asarray(plain(f), np.int16)
+    assert np.abs(a - b).max() <= 1
+  with pytest.raises(ValueError, match="winograd=3"):
+    pl.StreamV2VPipeline(models, height=64, width=64, winograd=3)
+
+
 def test_one_compilation_constant_bank_and_prompt_switch(models):
   pipe = pl.StreamV2VPipeline(models, stream.StreamConfig(
       bank=stream.BankConfig(interval=2)), height=64, width=64, prompt="a")

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxlib_models.diffusion import clip, taesd as taesd_lib, unet as unet_lib
 from jaxlib_models.diffusion import loaders, vae as vae_lib
+from jaxlib_models.diffusion import winograd as winograd_lib
 from jaxlib_models.diffusion.clip_tokenizer import CLIPTokenizer
 from jaxlib_models.video.streamv2v import stream as stream_lib
 
@@ -154,16 +155,37 @@ def to_uint8(x: Array) -> Array:
   return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
+def _winograd_tile(choice, unet_dtype) -> str | int | None:
+  """The tile `winograd.prepare_params` gets, or None (XLA's convolutions)."""
+  if choice == "off" or choice is None:
+    return None
+  if choice == "auto":
+    cpu = jax.default_backend() == "cpu"
+    return "auto" if cpu and jnp.dtype(unet_dtype) == jnp.float32 else None
+  if choice in winograd_lib.TILES:
+    return choice
+  raise ValueError(f"winograd={choice!r}: choose 'auto', 'off' or a tile in"
+                   f" {winograd_lib.TILES}")
+
+
 class StreamV2VPipeline:
   """Streaming video-to-video editor (one input frame -> one output frame).
 
   Output n is the edit of input n - latency (3 with 4 steps); the first
   `latency` outputs show frame 0 (the stream primes itself with it).
+
+  `winograd`: the UNet's stride-1 3x3 convolutions on the Winograd route
+  (`diffusion.winograd`, kernels transformed once here). "auto" (default):
+  on a CPU backend with a float32 UNet, with the per-kernel tile choice of
+  `winograd.prepare_params` (about +2 GB for SD-1.5); 2 or 4: that tile
+  everywhere, on any backend; "off": XLA's convolutions. The parameters in
+  `models` are not changed.
   """
 
   def __init__(self, models: StreamModels,
                cfg: stream_lib.StreamConfig = stream_lib.StreamConfig(), *,
-               height: int, width: int, prompt: str = ""):
+               height: int, width: int, prompt: str = "",
+               winograd: str | int = "auto"):
     f = models.downscale
     if height % f or width % f:
       raise ValueError(
@@ -181,7 +203,11 @@ class StreamV2VPipeline:
         encode=lambda p, fr: ae_lib.encode_latents(
             p["ae"], to_model_range(fr), acfg),
         decode=lambda p, z: to_uint8(ae_lib.decode_latents(p["ae"], z, acfg)))
-    self._params = {"unet": models.unet, "ae": models.ae}
+    self.winograd = _winograd_tile(winograd, models.unet_config.dtype)
+    unet_params = models.unet
+    if self.winograd is not None:
+      unet_params = winograd_lib.prepare_params(unet_params, self.winograd)
+    self._params = {"unet": unet_params, "ae": models.ae}
     ch = models.unet_config.in_channels
     self._latent_shape = (height // 8, width // 8, ch) if (
         models.ae_kind == "vae") else (

@@ -40,7 +40,12 @@ IMPLS = ("auto", "reference", "xla", "cudnn", "blocked", "pallas")
 # (B 4, C 320, 8 heads) it takes 0.35 s against 4.9 s for XLA's fused
 # dot_product_attention and 0.64 s for PyTorch's SDPA.
 BLOCKED_MIN_LOGITS = 256 * 256
-Q_BLOCK = 512  # Query rows per block of the blocked path.
+# Query rows per block of the blocked path. 2-core Zen 3, batch 4, 8 heads,
+# median of 4 alternating rounds (ms, q_block 256 / 512 / 1024 / 2048):
+# 4096 x 4096 keys 1290 / 1207 / 1151 / 1165; with the StreamV2V bank
+# (8192 keys) 2846 / 2656 / 2396 / 2225; 1024 x 1024 209 / 170 / 154 / 162.
+# (An Intel VM had 2048 fastest; 512 was chosen on a Zen 4 VM.)
+Q_BLOCK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +161,8 @@ def attend(q: Array, k_self: Array, v_self: Array,
     impl: "auto" (GPU: cuDNN flash for 16-bit unmasked inputs, else XLA;
       CPU: "blocked" for large token counts, else XLA), "reference" (plain
       jnp), "xla" or "cudnn" (jax.nn.dot_product_attention), "blocked"
-      (one (batch, head, 512-query block) at a time; `_blocked`), "pallas"
-      (kernels/bank_attention's Triton kernel, falling back to its chunked
+      (one (batch, head, Q_BLOCK-query block) at a time; `_blocked`),
+      "pallas" (kernels/bank_attention's Triton kernel, falling back to its chunked
       XLA path off GPU; opt-in until measured on a GPU).
 
   Returns:

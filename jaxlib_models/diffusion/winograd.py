@@ -156,7 +156,8 @@ def prepare_params(params: Mapping[str, Any], tile: int | str = "auto", *,
   convolution kernels are replaced by their Winograd transforms (`KEY`).
 
   Every {"kernel": (3, 3, C, F), "bias": ...} entry is converted unless a
-  part of its path contains one of the `skip` strings. The result runs through the same modules
+  part of its path contains one of the `skip` strings. The result runs
+  through the same modules
   (`unet_blocks.Conv2D` picks the Winograd route from the parameter name);
   it is a derived layout for inference on CPU, not a checkpoint format:
   keep the original tree for training, saving and conversion.

@@ -41,14 +41,17 @@ demo: $(VENV)/.base
 demo-video: $(VENV)/.base
 	$(BIN)/python -m eval.streamv2v_synthetic --out runs/demo_video --frames 16 --size 128
 
-# Row 10: the shipped learned codecs encode and decode real photos (real
-# .jlic files), then a small RD report against JPEG and WebP (about 1 min).
+# Row 10: the shipped learned codecs (a hyperprior and the checkerboard
+# head on it) encode and decode real photos (real .jlic files), then a small
+# RD report against JPEG and WebP (about 2 min).
 demo-codec: $(VENV)/.base
 	@mkdir -p runs/demo_codec
 	$(BIN)/python -c "from PIL import Image; from jaxlib_models.compression import data; Image.fromarray(data.eval_photos(['astronaut'])['astronaut']).save('runs/demo_codec/astronaut.png')"
 	$(BIN)/jlic models
 	$(BIN)/jlic encode runs/demo_codec/astronaut.png runs/demo_codec/astronaut.jlic
 	$(BIN)/jlic decode runs/demo_codec/astronaut.jlic runs/demo_codec/astronaut_decoded.png
+	$(BIN)/jlic encode runs/demo_codec/astronaut.png runs/demo_codec/astronaut_ckbd.jlic --model checkerboard-q2
+	$(BIN)/jlic decode runs/demo_codec/astronaut_ckbd.jlic runs/demo_codec/astronaut_ckbd.png
 	$(BIN)/jlic rd --photos astronaut,coffee,motorcycle_left --anchors jpeg,webp --out runs/demo_codec
 
 # Row 7 alone: kernel score estimation rates, samplers, kernel vs neural

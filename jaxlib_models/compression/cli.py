@@ -152,7 +152,10 @@ def cmd_models(args) -> int:
     print(f"{n}: lambda {rec['lambda']:g}, N={c['N']} M={c['M']},"
           f" {rec['steps']} steps on {rec['device']}"
           + (f" + {rec['continued_from']['steps']} earlier"
-             if rec.get("continued_from") else ""))
+             if rec.get("continued_from") else "")
+          + (f", checkerboard head ({c['anchor_family']} /"
+             f" {c['nonanchor_family']}) on {rec['base']}"
+             if rec.get("base") else ""))
   return 0
 
 
@@ -165,21 +168,23 @@ def cmd_rd(args) -> int:
   if not names:
     raise SystemExit(f"no hyperprior_lam*.npz models in {folder} (write"
                      " them with python -m jaxlib_models.compression.ship)")
-  points, refined = [], []
+  if args.families:
+    names = [n for n in names if n.split("-q")[0] in args.families.split(",")]
+  where = ("shipped" if not args.models
+           else os.path.basename(os.path.normpath(folder)))
+  curves = {}
   for n in names:
     cod = pretrained.load(n, folder)
-    points.append(rd.LearnedPoint(
+    fam = n.rsplit("-q", 1)[0]
+    curves.setdefault(f"{fam} ({where})", []).append(rd.LearnedPoint(
         n, lambda img, c=cod: codec_lib.compress(c, img)[0],
         lambda b, c=cod: codec_lib.decompress(c, b),
         lambda img, c=cod: estimate_bits(c, img)))
     if args.refine:
-      refined.append(_refined_point(
-          n, cod, _refine_config(args, pretrained.lam(n, folder))))
-  label = ("hyperprior (shipped)" if not args.models
-           else f"hyperprior ({os.path.basename(os.path.normpath(folder))})")
-  curves = {label: points}
-  if refined:
-    curves[f"{label} + refinement ({args.refine} steps)"] = refined
+      curves.setdefault(
+          f"{fam} ({where}) + refinement ({args.refine} steps)", []).append(
+              _refined_point(n, cod,
+                             _refine_config(args, pretrained.lam(n, folder))))
   res = rd.run_rd(images, curves, anchors=tuple(args.anchors.split(",")))
   files = rd.write_report(res, args.out)
   print("\n".join(f"wrote {v}" for v in files.values()))
@@ -211,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
   models = pretrained.names()
-  default = models[len(models) // 2] if models else None
+  default = pretrained.default_name()
 
   def model_args(sp, default_model):
     sp.add_argument("--model", default=default_model,
@@ -260,8 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                  " (default %(default)s; avif and jxl are skipped with a"
                  " note when their encoder is not installed)")
   r.add_argument("--models", default="",
-                 help="folder of hyperprior_lam*.npz/.json models written by"
-                 " compression.ship (default: the shipped ones)")
+                 help="folder of hyperprior_lam*.npz/.json models (and"
+                 " checkerboard_lam*.npz heads) written by compression.ship"
+                 " (default: the shipped ones)")
+  r.add_argument("--families", default="",
+                 help="comma-separated model families to measure"
+                 " (hyperprior, checkerboard; default: all found)")
   refine_args(r, False)
   r.set_defaults(fn=cmd_rd)
   return p

@@ -1,7 +1,7 @@
 """The small trained codecs shipped with the library (`pretrained/*.npz`).
 
   from jaxlib_models.compression import pretrained
-  pretrained.names()            # ['hyperprior-q1', 'hyperprior-q2', ...]
+  pretrained.names()            # ['hyperprior-q1', ..., 'checkerboard-q1', ...]
   codec = pretrained.load("hyperprior-q2")
 
 Each model is a mean-scale hyperprior (N = 64, M = 96) trained by
@@ -13,6 +13,13 @@ small and briefly trained: close to JPEG at low rates, not competitive
 learned codecs (benchmarks/RESULTS.md).
 Weights are stored as float16 and used as float32 (the model id hashes the
 values actually used, so every machine agrees on it).
+
+checkerboard-q1..qK are Fu et al.'s checkerboard context (two parameter
+networks, Gaussian for both sets) trained on top of hyperprior-qK with its
+transforms frozen (`ship --context checkerboard`): same reconstruction
+quality, fewer bits. Their files hold the head only; the JSON names the
+base file and its sha256, and `load` merges the two (a missing or changed
+base is refused with the file named).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import hashlib
 import os
 
 import jax
@@ -33,16 +41,30 @@ from jaxlib_models.core import io
 DIR = os.path.join(os.path.dirname(__file__), "pretrained")
 
 
-def _files(folder: str = DIR) -> list[tuple[float, str]]:
+FAMILIES = ("hyperprior", "checkerboard")
+
+
+def _files(folder: str = DIR,
+           family: str = "hyperprior") -> list[tuple[float, str]]:
   out = []
-  for f in glob.glob(os.path.join(folder, "hyperprior_lam*.npz")):
-    lam = float(os.path.basename(f)[len("hyperprior_lam"):-len(".npz")])
+  pre = f"{family}_lam"
+  for f in glob.glob(os.path.join(folder, pre + "*.npz")):
+    lam = float(os.path.basename(f)[len(pre):-len(".npz")])
     out.append((lam, f[:-len(".npz")]))
   return sorted(out)
 
 
 def names(folder: str = DIR) -> list[str]:
-  return [f"hyperprior-q{i + 1}" for i in range(len(_files(folder)))]
+  """hyperprior-q1..qK, then checkerboard-q1..qK (heads on the
+  hyperpriors), each family sorted by lambda."""
+  return [f"{fam}-q{i + 1}" for fam in FAMILIES
+          for i in range(len(_files(folder, fam)))]
+
+
+def default_name(folder: str = DIR) -> str | None:
+  """The CLI's default model: the middle hyperprior."""
+  hp = [n for n in names(folder) if n.startswith("hyperprior-")]
+  return hp[len(hp) // 2] if hp else None
 
 
 def info(name: str, folder: str = DIR) -> dict:
@@ -56,16 +78,27 @@ def lam(name: str, folder: str = DIR) -> float:
   rec = info(name, folder)  # Also checks the name.
   if "lambda" in rec:
     return float(rec["lambda"])
-  return _files(folder)[names(folder).index(name)][0]
+  fam, i = _split(name)
+  return _files(folder, fam)[i][0]
+
+
+def stem_of(name: str, folder: str = DIR) -> str:
+  """The file stem of a shipped model, e.g. "hyperprior_lam0.0035"."""
+  return os.path.basename(_stem(name, folder))
+
+
+def _split(name: str) -> tuple[str, int]:
+  fam, _, q = name.rpartition("-q")
+  return fam, int(q) - 1 if q.isdigit() else -1
 
 
 def _stem(name: str, folder: str) -> str:
-  files = _files(folder)
   known = names(folder)
   if name not in known:
     raise ValueError(f"unknown model {name!r}; shipped models: {known}"
                      + ("" if known else f" (none found in {folder})"))
-  return files[known.index(name)][1]
+  fam, i = _split(name)
+  return _files(folder, fam)[i][1]
 
 
 def config_of(rec: dict) -> hyperprior.HyperpriorConfig:
@@ -84,12 +117,35 @@ def config_of(rec: dict) -> hyperprior.HyperpriorConfig:
 def load(name: str, folder: str = DIR) -> codec_lib.Codec:
   """A ready Codec (coding tables built) for a shipped model."""
   stem = _stem(name, folder)
-  cfg = config_of(io.read_json(stem + ".json"))
+  rec = io.read_json(stem + ".json")
+  cfg = config_of(rec)
   like = jax.eval_shape(lambda: hyperprior.Hyperprior(cfg).init(
       jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
+  arrays = _base_arrays(stem, rec, folder) if rec.get("base") else {}
   with np.load(stem + ".npz") as z:
-    params = ship.unflatten_params(dict(z), like)
+    arrays.update(z)
+  params = ship.unflatten_params(arrays, like)
   return codec_lib.Codec.from_params(cfg, params)
+
+
+def _base_arrays(stem: str, rec: dict, folder: str) -> dict:
+  """The frozen base model's stored arrays of a head-only model (a
+  checkerboard head trained on a hyperprior by `ship --context`)."""
+  path = os.path.join(folder, rec["base"] + ".npz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{stem}.npz is a head trained on {rec['base']}.npz, which is not in"
+        f" {folder}: put the base model beside it")
+  with open(path, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  if rec.get("base_sha256") and digest != rec["base_sha256"]:
+    raise ValueError(
+        f"{stem}.npz was trained on a different {rec['base']}.npz (sha256"
+        f" {rec['base_sha256'][:12]}..., found {digest[:12]}...): retrain the"
+        " head (python -m jaxlib_models.compression.ship --context"
+        " checkerboard --base FOLDER) or restore the base file")
+  with np.load(path) as z:
+    return dict(z)
 
 
 def find_by_id(model_id: bytes, folder: str = DIR) -> str | None:

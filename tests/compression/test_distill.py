@@ -243,6 +243,9 @@ def test_pruning_and_bypassed_decoding():
   assert len(gcut) == 2 and "g_s_igdn1" in gcut
 
 
+# Smoke test of the three trainer runs (~80 s on 2 cores); the KD terms,
+# pruning and bypassed decoding have their own default tests.
+@pytest.mark.slow
 def test_three_step_flow_with_trainer(tmp_path, capsys):
   """Smoke plus invariants: (ii) default KD of a narrower student trains 2
   steps (projections learned, teacher frozen); (iii) prune to half and

@@ -98,6 +98,9 @@ def test_cli_errors_are_clear(tmp_path):
   assert "--config" in out.stdout and "resumes" in out.stdout
 
 
+# Smoke test of the study (`make demo` runs the demo study); ~95 s on 2
+# cores, so outside the default suite (`make test-all`).
+@pytest.mark.slow
 def test_study_tiny_writes_report_and_plots(tmp_path):
   """Smoke test of the study and report (not correctness evidence)."""
   from jaxlib_models.core import config as config_lib

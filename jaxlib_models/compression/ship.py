@@ -338,10 +338,9 @@ def _ship_context(args, photos) -> int:
           "continued_from")}
     with open(stem + ".npz", "rb") as f:
       digest = hashlib.sha256(f.read()).hexdigest()
-    info.update(lam=lam, corpus=corpus_record(args.train_folder),
-                base=os.path.basename(stem), base_sha256=digest,
-                N=cfg.N, M=cfg.M, kind=cfg.kind)
-    info["lambda"] = info.pop("lam")
+    info.update({"lambda": lam, "corpus": corpus_record(args.train_folder),
+                 "base": os.path.basename(stem), "base_sha256": digest,
+                 "N": cfg.N, "M": cfg.M, "kind": cfg.kind})
     save_model(os.path.join(args.out, f"checkerboard_lam{lam:g}"), cfg,
                {"ckbd": head}, info)
     print(f"lambda {lam:g}: {info['steps']} steps in"

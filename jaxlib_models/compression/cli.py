@@ -180,7 +180,8 @@ def cmd_rd(args) -> int:
         n, lambda img, c=cod: codec_lib.compress(c, img)[0],
         lambda b, c=cod: codec_lib.decompress(c, b),
         lambda img, c=cod: estimate_bits(c, img)))
-    if args.refine:
+    if args.refine and (not args.refine_families
+                        or fam in args.refine_families.split(",")):
       curves.setdefault(
           f"{fam} ({where}) + refinement ({args.refine} steps)", []).append(
               _refined_point(n, cod,
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated model families to measure"
                  " (hyperprior, checkerboard; default: all found)")
   refine_args(r, False)
+  r.add_argument("--refine-families", default="",
+                 help="comma-separated families that get a --refine curve"
+                 " (default: every measured family)")
   r.set_defaults(fn=cmd_rd)
   return p
 

@@ -13,12 +13,16 @@ compression", arXiv 2006.04240). Refinement starts from g_a / h_a and takes
 on the image's own pixels (the padding to a multiple of 64 carries no
 distortion), with rounding relaxed one of two ways (`relax`):
 
-  "sga" (default, plain hyperprior): stochastic Gumbel annealing (Yang et
-    al. sec. 3.2): y - mean is rounded down or up by a Gumbel-softmax sample
-    whose logits are -atanh(distance) / tau, tau annealed from `tau0` by
+  "sga" (default; the plain hyperprior and the checkerboard context):
+    stochastic Gumbel annealing (Yang et al. sec. 3.2): y - mean is rounded
+    down or up by a Gumbel-softmax sample whose logits are
+    -atanh(distance) / tau, tau annealed from `tau0` by
     exp(-tau_decay * step / steps) down to `tau_min`; the same soft value
     feeds the rate and the synthesis. z: straight-through rounding around
-    the bottleneck's medians.
+    the bottleneck's medians. With the checkerboard context the soft
+    anchors also feed the 5x5 context that gives the non-anchors' means
+    and scales, as the decoded anchors do in the decoder (a mixture family
+    rounds y itself, shift 0). The serial context has no SGA path.
   "noise" (any model, context models included): the training relaxation,
     uniform noise for the rates and straight-through rounding into the
     synthesis.
@@ -51,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlib_models.compression import entropy
+from jaxlib_models.compression import checkerboard, entropy
 
 RELAXATIONS = ("sga", "noise")
 
@@ -88,14 +92,10 @@ class RefineConfig:
                        f"{self.tau_min}, tau0={self.tau0}")
 
 
-def _sga_latents(m, y, z, key, tau):
-  """(y_lik, z_lik, x_hat) with y soft-rounded by SGA, z straight-through;
-  called through `apply(method=...)` on a plain hyperprior."""
-  sg = jax.lax.stop_gradient
-  med = m.entropy_bottleneck.medians()
-  z_t = z + sg(jnp.round(z - med) + med - z)
-  scales, means = m.hyper_synthesis(z_t)
-  r = y - means
+def _sga_round(y, shift, key, tau):
+  """y - shift rounded down or up by a Gumbel-softmax sample (logits
+  -atanh(distance) / tau), plus shift: SGA's soft rounding."""
+  r = y - shift
   low = jnp.floor(r)
   d = r - low  # In [0, 1): the distance to rounding down.
   eps = 1e-5
@@ -103,9 +103,52 @@ def _sga_latents(m, y, z, key, tau):
                       -jnp.arctanh(jnp.clip(1 - d, eps, 1 - eps))]) / tau
   p_up = jax.nn.softmax(logits + jax.random.gumbel(key, logits.shape),
                         axis=0)[1]
-  y_t = low + p_up + means
-  return (entropy.likelihood(y_t, means, scales, m.cfg.kind),
-          m.entropy_bottleneck.likelihood(z_t), m.synthesis(y_t))
+  return low + p_up + shift
+
+
+def _st_hyper(m, z):
+  """z straight-through rounded around the bottleneck's medians, its
+  likelihood and h_s's (scales, means)."""
+  sg = jax.lax.stop_gradient
+  med = m.entropy_bottleneck.medians()
+  z_t = z + sg(jnp.round(z - med) + med - z)
+  return z_t, m.entropy_bottleneck.likelihood(z_t), m.hyper_synthesis(z_t)
+
+
+def _sga_latents(m, y, z, key, tau):
+  """(y_lik, z_lik, x_hat) with y soft-rounded by SGA, z straight-through;
+  called through `apply(method=...)` on a plain hyperprior."""
+  _, z_lik, (scales, means) = _st_hyper(m, z)
+  y_t = _sga_round(y, means, key, tau)
+  return (entropy.likelihood(y_t, means, scales, m.cfg.kind), z_lik,
+          m.synthesis(y_t))
+
+
+def _sga_checkerboard_latents(m, y, z, key, tau):
+  """SGA through the checkerboard context: the anchors are soft-rounded
+  around their means (0 for a mixture family, which codes round(y)), the
+  non-anchors' parameters come from the soft anchors through the 5x5
+  context, as the decoder computes them from the decoded anchors, and the
+  non-anchors are soft-rounded around those."""
+  _, z_lik, (scales, means) = _st_hyper(m, z)
+  psi = jnp.concatenate([scales, means], -1)
+  ctx = m.ckbd
+  fa, fn, mm, k = (ctx.anchor_family, ctx.nonanchor_family, ctx.M, ctx.K)
+  ka, kn = jax.random.split(key)
+
+  def shift(prm, fam):
+    return 0.0 if entropy.is_mixture(fam) else prm["means"]
+
+  pa = entropy.split_params(ctx.anchor_raw(psi), fa, mm, k)
+  ya = _sga_round(y, shift(pa, fa), ka, tau)
+  pn = entropy.split_params(ctx.nonanchor_raw(psi, ya), fn, mm, k)
+  yn = _sga_round(y, shift(pn, fn), kn, tau)
+  h, w = y.shape[-3], y.shape[-2]
+  amask = jnp.asarray(checkerboard.anchor_mask(h, w))[None, :, :, None]
+  y_t = jnp.where(amask, ya, yn)
+  lik = jnp.where(amask, entropy.family_likelihood(ya, pa, fa, k),
+                  entropy.family_likelihood(yn, pn, fn, k))
+  return lik, z_lik, m.synthesis(y_t)
 
 
 def _noise_latents(m, y, z, key, tau):
@@ -122,8 +165,8 @@ def _test_latents(m, y, z, key, tau):
   return out["y_lik"], out["z_lik"], x_hat
 
 
-_PATHS = {"sga": _sga_latents, "noise": _noise_latents,
-          "test": _test_latents}
+_PATHS = {"sga": _sga_latents, "sga_checkerboard": _sga_checkerboard_latents,
+          "noise": _noise_latents, "test": _test_latents}
 
 
 def _objective(model, params, x, y, z, mask, lam, key=None, tau=None,
@@ -150,9 +193,13 @@ def _build(model, cfg: RefineConfig):
   opt = optax.adam(cfg.lr)
   lam = cfg.lam
 
+  path = cfg.relax
+  if path == "sga" and model.cfg.context == "checkerboard":
+    path = "sga_checkerboard"
+
   def loss(yz, params, x, mask, key, tau):
     return _objective(model, params, x, yz[0], yz[1], mask, lam, key, tau,
-                      cfg.relax)[0]
+                      path)[0]
 
   @jax.jit
   def run(params, x, mask, y, z, key, steps):
@@ -181,9 +228,10 @@ def refine_latents(codec, x_1HW3, y, z, h: int, w: int, cfg: RefineConfig):
   """Refined (y, z) for the padded image x (1, H, W, 3) in [0, 1] whose
   top-left (h, w) is the image; returns (y, z, info) with info = dict of the
   test-time objective, bits and MSE before and after, and which was kept."""
-  if cfg.relax == "sga" and codec.context != "none":
-    raise ValueError(f"relax='sga' needs the plain hyperprior; this model's"
-                     f" context is {codec.context!r}: use relax='noise'")
+  if cfg.relax == "sga" and codec.context not in ("none", "checkerboard"):
+    raise ValueError(f"relax='sga' needs the plain hyperprior or the"
+                     f" checkerboard context; this model's context is"
+                     f" {codec.context!r}: use relax='noise'")
   run, score = _fns(codec, cfg)
   mask = np.zeros(x_1HW3.shape[:3] + (1,), np.float32)
   mask[:, :h, :w] = 1.0

@@ -29,7 +29,8 @@ _img = images.smooth_noisy
 
 @pytest.mark.parametrize("context, relax", [("none", "sga"),
                                             ("none", "noise"),
-                                            ("checkerboard", "noise")])
+                                            ("checkerboard", "noise"),
+                                            ("checkerboard", "sga")])
 def test_refined_file_decodes_exactly_and_scores_better(context, relax):
   cod = _codec(context=context)
   img = _img(50, 70)
@@ -93,7 +94,29 @@ def test_bad_settings_fail_clearly(kw, match):
     refine.RefineConfig(**kw)
 
 
-def test_sga_on_a_context_model_names_the_fix():
-  cod = _codec(context="checkerboard")
+def test_sga_on_the_serial_context_names_the_fix():
+  cod = _codec(context="serial")
   with pytest.raises(ValueError, match="use relax='noise'"):
     codec.compress(cod, _img(20, 20), refine=refine.RefineConfig(0.01))
+
+
+def test_checkerboard_sga_at_low_temperature_is_the_test_path():
+  """At tau -> 0 SGA rounds to the nearest integer (around each set's
+  mean, the non-anchors' means from the rounded anchors), so the relaxed
+  objective of the checkerboard path equals the test-time one (before the
+  8-bit rounding of x_hat, which `_test_latents` adds)."""
+  cod = _codec(context="checkerboard")
+  x = np.asarray(_img(64, 64), np.float32)[None] / 255.0
+  y = cod.model.apply({"params": cod.params}, jnp.asarray(x),
+                      method="analysis")
+  z = cod.model.apply({"params": cod.params}, y, method="hyper_analysis")
+  sga = cod.model.apply({"params": cod.params}, y, z, jax.random.key(1),
+                        1e-6, method=refine._sga_checkerboard_latents)
+  test = cod.model.apply({"params": cod.params}, y, z, None, False,
+                         method="from_latents")
+  np.testing.assert_allclose(np.asarray(sga[0]), np.asarray(test["y_lik"]),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sga[1]), np.asarray(test["z_lik"]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(sga[2]), np.asarray(test["x_hat"]),
+                             atol=1e-4)

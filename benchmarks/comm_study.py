@@ -40,7 +40,20 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# name -> (label, train-config overrides)
+def _linear_phases(steps: int = 300, phases: int = 15, first: int = 6,
+                   reverse: bool = False) -> tuple:
+  """0-based sync steps of `phases` inner phases whose lengths grow
+  linearly from `first` and sum to `steps` (300, 15, 6: 6, 8, ..., 34), or
+  shrink to it with `reverse`."""
+  inc = (steps - phases * first) / (phases * (phases - 1) / 2)
+  lengths = [first + inc * i for i in range(phases)]
+  ends, total = [], 0.0
+  for n in reversed(lengths) if reverse else lengths:
+    total += n
+    ends.append(int(round(total)) - 1)
+  return tuple(ends)
+
+
 def _islands(**diloco) -> dict:
   """Overrides for DiLoCo H=20 between 2 islands of 4 devices with an
   averaging outer step, plus `diloco` settings."""
@@ -49,6 +62,7 @@ def _islands(**diloco) -> dict:
           "mesh": {"node": 2, "data": 4}}
 
 
+# name -> (label, train-config overrides)
 VARIANTS = {
     "none": ("exact mean (fp32 all-reduce)", {}),
     "bf16": ("bf16 all-reduce", {"comm": {"name": "bf16"}}),
@@ -168,6 +182,18 @@ VARIANTS = {
     "diloco_islands_lr": ("DiLoCo 15 syncs placed by lr mass, 2 islands x 4,"
                           " averaging outer",
                           _islands(schedule="lr", lr_power=1.0)),
+    # The same 15 syncs, frequent early and rare late (post-local SGD, Lin
+    # et al. 2020, arXiv 1808.07217, in a graded form): phases of 6, 8, ...,
+    # 34 steps (at 300 steps; later steps fall back to H=20); and the
+    # reverse, rare early and frequent late (AdaComm, Wang and Joshi 2019,
+    # arXiv 1810.08313).
+    "diloco_islands_grow": ("DiLoCo 15 syncs, phases growing 6..34 steps,"
+                            " 2 islands x 4, averaging outer",
+                            _islands(sync_at=_linear_phases())),
+    "diloco_islands_shrink": (
+        "DiLoCo 15 syncs, phases shrinking 34..6 steps, 2 islands x 4,"
+        " averaging outer",
+        _islands(sync_at=_linear_phases(reverse=True))),
     "diloco_islands_lr05": ("DiLoCo 15 syncs placed by sqrt(lr) mass,"
                             " 2 islands x 4, averaging outer",
                             _islands(schedule="lr", lr_power=0.5)),
@@ -192,7 +218,19 @@ GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "diloco": ("syncs", 20.0),
          "diloco_islands": ("syncs", 20.0),
          "diloco_islands_lr": ("syncs", 20.0),
-         "diloco_islands_lr05": ("syncs", 20.0),
+         # The same 15 syncs, frequent early and rare late (post-local SGD, Lin
+    # et al. 2020, arXiv 1808.07217, in a graded form): phases of 6, 8, ...,
+    # 34 steps (at 300 steps; later steps fall back to H=20); and the
+    # reverse, rare early and frequent late (AdaComm, Wang and Joshi 2019,
+    # arXiv 1810.08313).
+    "diloco_islands_grow": ("DiLoCo 15 syncs, phases growing 6..34 steps,"
+                            " 2 islands x 4, averaging outer",
+                            _islands(sync_at=_linear_phases())),
+    "diloco_islands_shrink": (
+        "DiLoCo 15 syncs, phases shrinking 34..6 steps, 2 islands x 4,"
+        " averaging outer",
+        _islands(sync_at=_linear_phases(reverse=True))),
+    "diloco_islands_lr05": ("syncs", 20.0),
          "diloco_islands_mom": ("syncs", 20.0)}
 
 

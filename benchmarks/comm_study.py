@@ -218,19 +218,9 @@ GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "diloco": ("syncs", 20.0),
          "diloco_islands": ("syncs", 20.0),
          "diloco_islands_lr": ("syncs", 20.0),
-         # The same 15 syncs, frequent early and rare late (post-local SGD, Lin
-    # et al. 2020, arXiv 1808.07217, in a graded form): phases of 6, 8, ...,
-    # 34 steps (at 300 steps; later steps fall back to H=20); and the
-    # reverse, rare early and frequent late (AdaComm, Wang and Joshi 2019,
-    # arXiv 1810.08313).
-    "diloco_islands_grow": ("DiLoCo 15 syncs, phases growing 6..34 steps,"
-                            " 2 islands x 4, averaging outer",
-                            _islands(sync_at=_linear_phases())),
-    "diloco_islands_shrink": (
-        "DiLoCo 15 syncs, phases shrinking 34..6 steps, 2 islands x 4,"
-        " averaging outer",
-        _islands(sync_at=_linear_phases(reverse=True))),
-    "diloco_islands_lr05": ("syncs", 20.0),
+         "diloco_islands_lr05": ("syncs", 20.0),
+         "diloco_islands_grow": ("syncs", 20.0),
+         "diloco_islands_shrink": ("syncs", 20.0),
          "diloco_islands_mom": ("syncs", 20.0)}
 
 

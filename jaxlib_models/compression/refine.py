@@ -107,18 +107,18 @@ def _sga_round(y, shift, key, tau):
 
 
 def _st_hyper(m, z):
-  """z straight-through rounded around the bottleneck's medians, its
-  likelihood and h_s's (scales, means)."""
+  """(likelihood of z, h_s's (scales, means)) with z straight-through
+  rounded around the bottleneck's medians."""
   sg = jax.lax.stop_gradient
   med = m.entropy_bottleneck.medians()
   z_t = z + sg(jnp.round(z - med) + med - z)
-  return z_t, m.entropy_bottleneck.likelihood(z_t), m.hyper_synthesis(z_t)
+  return m.entropy_bottleneck.likelihood(z_t), m.hyper_synthesis(z_t)
 
 
 def _sga_latents(m, y, z, key, tau):
   """(y_lik, z_lik, x_hat) with y soft-rounded by SGA, z straight-through;
   called through `apply(method=...)` on a plain hyperprior."""
-  _, z_lik, (scales, means) = _st_hyper(m, z)
+  z_lik, (scales, means) = _st_hyper(m, z)
   y_t = _sga_round(y, means, key, tau)
   return (entropy.likelihood(y_t, means, scales, m.cfg.kind), z_lik,
           m.synthesis(y_t))
@@ -130,7 +130,7 @@ def _sga_checkerboard_latents(m, y, z, key, tau):
   non-anchors' parameters come from the soft anchors through the 5x5
   context, as the decoder computes them from the decoded anchors, and the
   non-anchors are soft-rounded around those."""
-  _, z_lik, (scales, means) = _st_hyper(m, z)
+  z_lik, (scales, means) = _st_hyper(m, z)
   psi = jnp.concatenate([scales, means], -1)
   ctx = m.ckbd
   fa, fn, mm, k = (ctx.anchor_family, ctx.nonanchor_family, ctx.M, ctx.K)

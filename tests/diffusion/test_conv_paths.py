@@ -74,13 +74,20 @@ def test_chunk_route_is_taken(monkeypatch):
   assert jaxpr.count("conv_general_dilated") == 3
 
 
+@pytest.mark.parametrize("route", ["conv", "im2col"])
 @pytest.mark.parametrize("h,w", [(4, 6), (5, 3)])
-def test_subpixel_upsample_equals_nearest_then_conv(monkeypatch, h, w):
-  """Upsample2D's phase route (2x2 convolution of the small map) equals
-  nearest x2 then nn.Conv 3x3, borders included; planted bugs caught:
-  phase kernels swapped between (0, 1) and (1, 0), taps summed on the wrong
-  side (w1 + w2 for odd rows), interleave with rows and columns exchanged."""
-  monkeypatch.setattr(unet_blocks, "SUBPIXEL_MIN_PIXELS", 1)
+def test_subpixel_upsample_equals_nearest_then_conv(monkeypatch, h, w,
+                                                    route):
+  """Upsample2D's phase route (2x2 convolution of the small map, as a
+  convolution or as one im2col matmul) equals nearest x2 then nn.Conv 3x3,
+  borders included; planted bugs caught: phase kernels swapped between
+  (0, 1) and (1, 0), taps summed on the wrong side (w1 + w2 for odd rows),
+  interleave with rows and columns exchanged."""
+  im2col = route == "im2col"
+  monkeypatch.setattr(unet_blocks, "SUBPIXEL_MIN_PIXELS",
+                      10**9 if im2col else 1)
+  monkeypatch.setattr(unet_blocks, "SUBPIXEL_IM2COL_MAX_PIXELS",
+                      10**9 if im2col else 0)
   monkeypatch.setattr(unet_blocks, "IM2COL_MAX_PIXELS", 0)
   monkeypatch.setattr(unet_blocks, "SPLIT_CHUNKS", (0, 0))
   ours = unet_blocks.Upsample2D(5)
@@ -94,7 +101,8 @@ def test_subpixel_upsample_equals_nearest_then_conv(monkeypatch, h, w):
   assert got.shape == (2, 2 * h, 2 * w, 5)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   jaxpr = str(jax.make_jaxpr(ours.apply)(params, x))
-  assert jaxpr.count("conv_general_dilated") == 1
+  assert jaxpr.count("conv_general_dilated") == (0 if im2col else 1)
+  assert ("dot_general" in jaxpr) == im2col
   # An explicit odd output size takes the resize route, same parameters.
   odd = ours.apply(params, x, output_size=(2 * h - 1, 2 * w - 1))
   assert odd.shape == (2, 2 * h - 1, 2 * w - 1, 5)

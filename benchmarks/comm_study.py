@@ -197,6 +197,10 @@ VARIANTS = {
     "diloco_islands_lr05": ("DiLoCo 15 syncs placed by sqrt(lr) mass,"
                             " 2 islands x 4, averaging outer",
                             _islands(schedule="lr", lr_power=0.5)),
+    # Damped averaging: the islands restart from the old point plus 0.8 of
+    # the mean delta (outer SGD at lr 0.8, no momentum).
+    "diloco_islands_olr08": ("DiLoCo H=20, 2 islands x 4, outer SGD lr 0.8",
+                             _islands(outer_lr=0.8)),
 }
 # Optimizer settings shared by every variant of one study (train keys).
 PRESETS = {
@@ -221,7 +225,8 @@ GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "diloco_islands_lr05": ("syncs", 20.0),
          "diloco_islands_grow": ("syncs", 20.0),
          "diloco_islands_shrink": ("syncs", 20.0),
-         "diloco_islands_mom": ("syncs", 20.0)}
+         "diloco_islands_mom": ("syncs", 20.0),
+         "diloco_islands_olr08": ("syncs", 20.0)}
 
 
 def parse_sets(items) -> dict:

@@ -201,6 +201,8 @@ VARIANTS = {
     # the mean delta (outer SGD at lr 0.8, no momentum).
     "diloco_islands_olr08": ("DiLoCo H=20, 2 islands x 4, outer SGD lr 0.8",
                              _islands(outer_lr=0.8)),
+    "diloco_islands_olr06": ("DiLoCo H=20, 2 islands x 4, outer SGD lr 0.6",
+                             _islands(outer_lr=0.6)),
 }
 # Optimizer settings shared by every variant of one study (train keys).
 PRESETS = {
@@ -226,7 +228,8 @@ GOALS = {"powersgd": ("bytes", 30.0), "powersgd_embed24": ("bytes", 30.0),
          "diloco_islands_grow": ("syncs", 20.0),
          "diloco_islands_shrink": ("syncs", 20.0),
          "diloco_islands_mom": ("syncs", 20.0),
-         "diloco_islands_olr08": ("syncs", 20.0)}
+         "diloco_islands_olr08": ("syncs", 20.0),
+         "diloco_islands_olr06": ("syncs", 20.0)}
 
 
 def parse_sets(items) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 # (M, K, N, where in the UNet at 512x512, batch 4)
 SHAPES = (
@@ -25,16 +24,6 @@ SHAPES = (
     (1024, 1280, 10240, "GEGLU projection, 16x16 level"),
     (4096, 4096, 4096, "square reference"),
 )
-
-
-def _median_s(fn, reps: int) -> float:
-  fn()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return sorted(times)[len(times) // 2]
 
 
 def main(argv=None) -> list[dict]:
@@ -49,6 +38,8 @@ def main(argv=None) -> list[dict]:
   import numpy as np
   import torch
 
+  from jaxlib_models.core.timing import median_time
+
   torch.set_num_threads(os.cpu_count())
   dot = jax.jit(jnp.dot)
   rows = []
@@ -58,8 +49,9 @@ def main(argv=None) -> list[dict]:
     b = rng.standard_normal((k, n), dtype=np.float32)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    t_jax = _median_s(lambda: dot(ja, jb).block_until_ready(), args.reps)
-    t_torch = _median_s(lambda: torch.mm(ta, tb), args.reps)
+    t_jax = median_time(lambda: dot(ja, jb).block_until_ready(),
+                        args.reps, warmup=1)
+    t_torch = median_time(lambda: torch.mm(ta, tb), args.reps, warmup=1)
     gflop = 2 * m * k * n / 1e9
     row = {"m": m, "k": k, "n": n, "where": where,
            "jax_gflops": gflop / t_jax, "torch_gflops": gflop / t_torch,

@@ -13,7 +13,6 @@ library from the rest of the UNet step (convolutions, attention, fusions).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 # (M, K, N, where in the UNet at 512x512, batch 4)
@@ -38,6 +37,7 @@ def main(argv=None) -> list[dict]:
   import numpy as np
   import torch
 
+  from jaxlib_models.core import io
   from jaxlib_models.core.timing import median_time
 
   torch.set_num_threads(os.cpu_count())
@@ -61,9 +61,7 @@ def main(argv=None) -> list[dict]:
           f" PyTorch {row['torch_gflops']:.0f} GFLOP/s, PyTorch / jax time"
           f" {row['torch_over_jax_time']:.2f}", flush=True)
   if args.json:
-    with open(args.json + ".tmp", "w") as f:
-      json.dump({"rows": rows, "cpus": os.cpu_count()}, f, indent=1)
-    os.replace(args.json + ".tmp", args.json)
+    io.write_json(args.json, {"rows": rows, "cpus": os.cpu_count()})
   return rows
 
 
